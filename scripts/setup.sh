@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: Debian packages, .venv/ with lmu_asr and its dev tools.
+# Re-running is cheap: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# TTS engines and sox for the built-in corpus (see shared notes/tts-corpus.md).
+APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
+APT_PACKAGES+=" ${LMU_ASR_EXTRA_APT:-}"
+
+missing=()
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.lmu_asr-installed
+want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages into .venv/ (a few minutes the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]" 2>&1 \
+    | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch, torchaudio, lmu_asr" # fail loudly if the install is broken
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set everything up, then run the whole test suite (slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check lmu_asr tests
+.venv/bin/ruff format --check lmu_asr tests
+exec .venv/bin/python -m pytest "$@"
