@@ -1,0 +1,57 @@
+"""The job's configuration: one dataclass per group, each owned by the module that uses it,
+composed here and registered in Hydra's ConfigStore as the schema of conf/config.yaml (so a typo in
+an override fails at compose time) and validated by the dataclasses' __post_init__ (so a bad value
+fails before any work starts or any job is submitted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lmu_asr.checkpoint import CheckpointConfig
+from lmu_asr.data import DataConfig
+from lmu_asr.features import FeatureConfig
+from lmu_asr.model import ModelConfig
+from lmu_asr.optim import OptimConfig
+from lmu_asr.tracking import TrackingConfig
+from lmu_asr.train import TrainerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+SWEEPS_DIR = ROOT / "sweeps"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        longest = int(self.data.max_duration * 1000 / self.features.hop_ms) + 1
+        if self.data.max_frames < longest:
+            raise ValueError(
+                f"data.max_frames ({self.data.max_frames}) is smaller than one utterance of "
+                f"data.max_duration={self.data.max_duration}s ({longest} frames)"
+            )
+
+
+def register() -> None:
+    """Schema for conf/config.yaml, plus every sweeps/<name>.yaml as the `sweep` group."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for path in sorted(SWEEPS_DIR.glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Composed Hydra config -> validated Config (raises ValueError naming the field)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))

@@ -1,0 +1,264 @@
+"""The built-in corpus: WordNet example sentences spoken by free TTS voices, built once and cached.
+
+`python -m lmu_asr.corpus --train 2000 --dev 200 --test 200` prints the manifest paths. The
+corpus folder holds `{train,dev,test}.jsonl`, `wav/<split>/<id>.wav` (16 kHz mono 16-bit) and the
+WordNet licence. Voices reserved for held-out evaluation (flite slt, any festival HTS voice) are
+refused by `check_voice`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile
+from tqdm import tqdm
+
+from lmu_asr.wordnet import split_sentences, wordnet_licence, wordnet_sentences
+
+CORPUS_VERSION = 2  # bump whenever the audio or text of a corpus changes
+DEBIAN_PACKAGES = "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
+SPLITS = ("train", "dev", "test")
+
+ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
+ESPEAK_ACCENTS += ("en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
+ESPEAK_VARIANTS += ("klatt", "klatt2", "klatt3", "klatt4", "adam", "Andy", "david", "edward")
+ESPEAK_VARIANTS += ("john", "linda", "max", "paul", "robert", "steph", "travis", "victor")
+TRAINING_VOICES = {
+    "espeak-ng": tuple(f"{a}+{v}" for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS),
+    "flite": ("kal16", "awb", "rms"),
+    "festival": ("kal_diphone", "ked_diphone"),
+}
+# Relative share of utterances per engine; festival is ~8x slower per second of audio.
+ENGINE_WEIGHTS = {"espeak-ng": 0.55, "flite": 0.4, "festival": 0.05}
+DEFAULT_ENGINES = ("espeak-ng", "flite", "festival")
+_ENGINE_BINARY = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival"}
+_SOX_EFFECTS = "norm -1 silence 1 0.02 0.5% reverse silence 1 0.02 0.5% reverse pad 0.1 0.1"
+
+
+def check_voice(engine: str, voice: str) -> None:
+    """Raise ValueError unless `voice` of `engine` is one of the voices allowed for training."""
+    if "slt" in voice or "hts" in voice:
+        raise ValueError(f"voice {engine}:{voice} is reserved for held-out evaluation")
+    if voice not in TRAINING_VOICES.get(engine, ()):
+        raise ValueError(f"voice {engine}:{voice} is not a training voice (see TRAINING_VOICES)")
+
+
+# --- synthesis -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Utt:
+    """One utterance to speak: everything random about it is drawn from (seed, split, index)."""
+
+    id: str
+    split: str
+    text: str
+    engine: str
+    voice: str
+    rate: float  # espeak-ng words per minute; flite/festival duration stretch
+    pitch: int  # espeak-ng pitch 0-99; flite mean f0 in Hz; unused by festival
+
+
+def _plan(split: str, index: int, text: str, seed: int, engines: list[str]) -> _Utt:
+    rng = random.Random(f"lmu_asr-corpus:{seed}:{split}:{index}")
+    engine = rng.choices(engines, weights=[ENGINE_WEIGHTS[e] for e in engines])[0]
+    voice = rng.choice(TRAINING_VOICES[engine])
+    check_voice(engine, voice)
+    # Speaking rates are capped so that even 4x-subsampled CTC has ~20% more frames than it needs.
+    if engine == "espeak-ng":
+        rate, pitch = rng.randint(125, 185), rng.randint(25, 75)
+    elif engine == "flite":
+        rate, pitch = round(rng.uniform(1.0, 1.3), 3), rng.randint(85, 140)
+    else:
+        rate, pitch = round(rng.uniform(1.0, 1.2), 3), 0
+    return _Utt(f"{split}-{index:06d}", split, text, engine, voice, rate, pitch)
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd[:3])} ... failed ({result.returncode}): {result.stderr.strip()}\n"
+            f"(are the Debian packages installed? {DEBIAN_PACKAGES})"
+        )
+
+
+def _festival(root: Path, utts: list[_Utt]) -> None:
+    """Speak `utts` with one festival process: its start-up (~0.25 s) dwarfs a diphone voice."""
+    script = root / f"{utts[0].id}.scm"
+    lines = []
+    for utt in utts:  # texts are [a-z' ]: nothing to escape
+        lines.append(f"(voice_{utt.voice})(Parameter.set 'Duration_Stretch {utt.rate})")
+        wave = f"{root / utt.id}.raw.wav"
+        lines.append(f'(utt.save.wave (utt.synth (Utterance Text "{utt.text}")) "{wave}" \'riff)')
+    script.write_text("\n".join(lines) + "\n")
+    _run(["festival", "--batch", str(script)])
+    script.unlink()
+
+
+def _speak(root: Path, utt: _Utt) -> dict:
+    """Make root/wav/<split>/<id>.wav (16 kHz mono 16-bit, trimmed) and return its manifest row."""
+    raw = root / f"{utt.id}.raw.wav"
+    if utt.engine != "festival":  # festival utterances were spoken in batches beforehand
+        text_file = root / f"{utt.id}.txt"
+        text_file.write_text(utt.text)
+        if utt.engine == "espeak-ng":
+            cmd = ["espeak-ng", "-v", utt.voice, "-s", str(utt.rate), "-p", str(utt.pitch)]
+            cmd += ["-f", str(text_file), "-w", str(raw)]
+        else:
+            cmd = ["flite", "-voice", utt.voice, "--setf", f"duration_stretch={utt.rate}"]
+            cmd += [
+                "--setf",
+                f"int_f0_target_mean={utt.pitch}",
+                "-f",
+                str(text_file),
+                "-o",
+                str(raw),
+            ]
+        _run(cmd)
+        text_file.unlink()
+    audio = Path("wav") / utt.split / f"{utt.id}.wav"
+    sox = ["sox", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer"]
+    _run(sox + [str(root / audio)] + _SOX_EFFECTS.split())
+    raw.unlink()
+    duration = round(soundfile.info(str(root / audio)).duration, 4)
+    speaker = f"{utt.engine}:{utt.voice}"
+    return {
+        "id": utt.id,
+        "audio": str(audio),
+        "text": utt.text,
+        "duration": duration,
+        "speaker": speaker,
+    }
+
+
+def _check_binaries(engines: Sequence[str]) -> None:
+    for binary in ["sox", *(_ENGINE_BINARY[e] for e in engines)]:
+        if shutil.which(binary) is None:
+            raise RuntimeError(
+                f"corpus: '{binary}' not found; install the Debian packages: "
+                f"apt-get install -y --no-install-recommends {DEBIAN_PACKAGES}"
+            )
+
+
+def _build(root: Path, sizes: dict[str, int], seed: int, engines: list, jobs: int, progress: bool):
+    texts = split_sentences(wordnet_sentences(), sizes["train"], sizes["dev"], sizes["test"], seed)
+    utts = [_plan(s, i, text, seed, engines) for s in SPLITS for i, text in enumerate(texts[s])]
+    for split in SPLITS:
+        (root / "wav" / split).mkdir(parents=True)
+    (root / "LICENSE-WordNet.txt").write_text(wordnet_licence())
+    festival = [utt for utt in utts if utt.engine == "festival"]
+    rows: dict[str, list] = {split: [] for split in SPLITS}
+    with (
+        ThreadPoolExecutor(jobs) as pool,
+        tqdm(total=len(utts), desc="building corpus", unit="utt", disable=not progress) as bar,
+    ):
+        list(
+            pool.map(lambda k: _festival(root, festival[k::jobs]), range(min(jobs, len(festival))))
+        )
+        futures = [pool.submit(_speak, root, utt) for utt in utts]
+        try:
+            for utt, future in zip(utts, futures, strict=True):
+                rows[utt.split].append(future.result())
+                bar.update()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    for split in SPLITS:
+        with open(root / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows[split])
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMU_ASR_CACHE", Path.home() / ".cache" / "lmu_asr"))
+
+
+def build_corpus(
+    n_train: int = 2000,
+    n_dev: int = 200,
+    n_test: int = 200,
+    seed: int = 0,
+    jobs: int | None = None,
+    cache_dir: str | Path | None = None,
+    engines: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Build (or find in the cache) the synthetic corpus; return {"train","dev","test"} manifests.
+
+    The cache key hashes every argument that changes the output (not `jobs` or `progress`).
+    Concurrent callers (DDP ranks, array jobs) wait on a file lock; one of them builds.
+    """
+    engines = sorted(set(engines or DEFAULT_ENGINES))
+    for engine in engines:
+        if engine not in TRAINING_VOICES:
+            raise ValueError(f"engines: unknown engine {engine!r} (known: {list(TRAINING_VOICES)})")
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    for split, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"n_{split} must be >= 0, got {n}")
+    key_fields = dict(version=CORPUS_VERSION, seed=seed, engines=engines, **sizes)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache / f"corpus-{key}"
+    paths = {split: final / f"{split}.jsonl" for split in SPLITS}
+    if final.is_dir():
+        return paths
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"corpus-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():  # another process built it while we waited
+            return paths
+        _check_binaries(engines)
+        for stale in cache.glob(f"corpus-{key}.tmp*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"corpus-{key}.tmp", dir=cache))
+        try:
+            jobs = jobs or len(os.sched_getaffinity(0))
+            _build(tmp, sizes, seed, engines, jobs, progress)
+            (tmp / "corpus.json").write_text(json.dumps(key_fields, indent=1) + "\n")
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmu_asr.corpus", description=__doc__)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--dev", type=int, default=200)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=None, help="default: usable CPU cores")
+    parser.add_argument("--cache-dir", default=None, help="default: $LMU_ASR_CACHE or ~/.cache")
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    paths = build_corpus(
+        args.train,
+        args.dev,
+        args.test,
+        args.seed,
+        args.jobs,
+        args.cache_dir,
+        args.engines.split(","),
+        not args.no_progress,
+    )
+    print(json.dumps({split: str(path) for split, path in paths.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

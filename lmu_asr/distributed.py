@@ -1,0 +1,118 @@
+"""Who am I in the job: one small DistEnv read from the environment, and the few collectives the
+trainer needs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under SLURM (srun, submitit)
+we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; otherwise it is one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
+    e = dict(os.environ if environ is None else environ)
+    if "RANK" in e and "WORLD_SIZE" in e:  # torchrun, or set by hand
+        return DistEnv(
+            rank=int(e["RANK"]),
+            local_rank=int(e.get("LOCAL_RANK", 0)),
+            world_size=int(e["WORLD_SIZE"]),
+            master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(e.get("MASTER_PORT", 29500)),
+        )
+    if int(e.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in e:
+        job = int(e.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(e["SLURM_PROCID"]),
+            local_rank=int(e.get("SLURM_LOCALID", 0)),
+            world_size=int(e["SLURM_NTASKS"]),
+            master_addr=e.get("MASTER_ADDR") or _first_slurm_host(e["SLURM_JOB_NODELIST"]),
+            # one port per job, so two jobs sharing a node do not collide
+            master_port=int(e.get("MASTER_PORT", 20000 + job % 20000)),
+        )
+    return DistEnv()
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def init(env: DistEnv, device: torch.device, timeout_min: float = 10.0) -> None:
+    """Join the process group (NCCL on GPU, gloo on CPU); a no-op for one process."""
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=timeout_min),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned (identity for one process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true on any rank: how all ranks agree at a step boundary."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    """auto -> this rank's GPU if there is one, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_threads(threads: int) -> int:
+    """Intra-op threads: the config value, else SLURM_CPUS_PER_TASK, else torch's default.
+    Several jobs sharing a node must not each take every core."""
+    n = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -1,0 +1,192 @@
+"""WER/CER of a checkpoint on a data split, and the evaluation pieces the trainer shares.
+
+    python -m lmu_asr.evaluate checkpoint=RUN_DIR_OR_STEP_DIR [data=manifest data.manifest=F.jsonl]
+        [split=test] [decoder=greedy|beam] [beam.beam_size=16] [scoring=plain|gigaspeech]
+        [report=FILE.json]
+
+Any other `group.key=value` is a Hydra override of the data/features settings (conf/).
+The model's architecture and feature settings come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lmu_asr import distributed
+from lmu_asr.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
+from lmu_asr.decode import BeamConfig, alignment, error_rates, make_decoder
+from lmu_asr.distributed import DistEnv
+from lmu_asr.text import decode as decode_ids
+from lmu_asr.text import gigaspeech_scoring
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from lmu_asr.config import Config
+    from lmu_asr.model import SpeechRecognizer
+
+SCORING: dict[str, Callable[[str], str] | None] = {"plain": None, "gigaspeech": gigaspeech_scoring}
+
+
+def split_loader(
+    cfg: Config, split: str, env: DistEnv, train: bool
+) -> tuple[DataLoader, BucketBatchSampler]:
+    """Dataset, length-bucketed sampler (sharded over ranks) and loader of one split."""
+    utts = load_split(cfg.data, split)
+    dataset = SpeechDataset(
+        utts,
+        sample_rate=cfg.data.sample_rate,
+        max_duration=cfg.data.max_duration,
+        strict=cfg.data.strict,
+        subsampling=cfg.model.subsampling,
+    )
+    frames = [int(u.duration * 1000 / cfg.features.hop_ms) + 1 for u in utts]
+    sampler = BucketBatchSampler(
+        frames,
+        cfg.data.max_frames,
+        seed=cfg.trainer.seed,
+        shuffle=train,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    return make_loader(dataset, sampler, cfg.data.num_workers), sampler
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: SpeechRecognizer,
+    loader: DataLoader,
+    env: DistEnv,
+    decoder: str = "greedy",
+    beam: BeamConfig | None = None,
+    scoring: str = "plain",
+    progress: bool = False,
+) -> tuple[dict, list[dict]]:
+    """Decode every utterance of `loader` (all ranks share the work) -> (totals, per utterance).
+
+    Totals are complete on every rank; per-utterance rows only on rank 0."""
+    decode = make_decoder(decoder, beam)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader.batch_sampler.set_epoch(0)
+    rows: dict[str, tuple[str, str]] = {}
+    skipped = 0
+    for batch in tqdm(loader, desc="decoding", disable=not (progress and env.is_main)):
+        skipped += len(batch.skipped)
+        if not len(batch.ids):
+            continue
+        batch = batch.to(device)
+        log_probs, out_lens = model(batch.wav, batch.wav_lens)
+        hyps = decode(log_probs, out_lens)
+        for uid, tokens, n, hyp in zip(batch.ids, batch.tokens, batch.token_lens, hyps, strict=True):
+            rows[uid] = (decode_ids(tokens[:n].tolist()), hyp)
+    model.train(was_training)
+    if dist.is_initialized():  # shards may repeat an utterance to even out: dedupe by id
+        gathered: list = [None] * env.world_size
+        dist.all_gather_object(gathered, (rows, skipped))
+        rows = {k: v for r, _ in gathered for k, v in r.items()}
+        skipped = sum(s for _, s in gathered)
+    ids = sorted(rows)
+    transform = SCORING[scoring]
+    totals = error_rates([rows[i][0] for i in ids], [rows[i][1] for i in ids], transform)
+    totals |= {"utterances": len(ids), "skipped": skipped}
+    per_utt = []
+    if env.is_main:
+        t = transform or (lambda s: s)
+        for i in ids:
+            ref, hyp = t(rows[i][0]), t(rows[i][1])
+            e = error_rates([ref], [hyp])
+            per_utt.append(
+                {"id": i, "ref": ref, "hyp": hyp, "word_errors": e["word_errors"],
+                 "words": e["words"], "char_errors": e["char_errors"], "chars": e["chars"],
+                 "alignment": alignment(ref, hyp)}
+            )  # fmt: skip
+    return totals, per_utt
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    lines = [f"{'split':<8}{'utts':>7}{'words':>8}{'WER':>9}{'CER':>9}"]
+    for name, t in rows:
+        lines.append(
+            f"{name:<8}{t['utterances']:>7}{t['words']:>8}{t['wer']:>9.2%}{t['cer']:>9.2%}"
+        )
+    return "\n".join(lines)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step folder, or a run directory (its best checkpoint, else its newest)."""
+    if (path / "COMPLETE").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint at {path} (expected a run directory "
+                                "or a checkpoints/step-XXXXXXXX folder)")  # fmt: skip
+    state = TrainState()
+    state.load_state_dict(load_checkpoint(latest)["train_state"])
+    best = path / "checkpoints" / f"step-{state.best_step:08d}"
+    return best if (best / "COMPLETE").exists() else latest
+
+
+def load_model(path: Path, device: torch.device) -> tuple[SpeechRecognizer, dict]:
+    """Model (eval mode) and the saved config sections from a checkpoint folder."""
+    from lmu_asr.features import FeatureConfig
+    from lmu_asr.model import ModelConfig, SpeechRecognizer
+
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    model = SpeechRecognizer(
+        ModelConfig(**saved["model"]), FeatureConfig(**saved["features"]), saved["sample_rate"]
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lmu_asr.launch import compose_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    own = {"checkpoint": None, "split": "test", "decoder": "greedy", "scoring": "plain"}
+    own["report"] = None
+    overrides, beam_args = [], {}
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in own:
+            own[key] = value
+        elif key.startswith("beam."):
+            beam_args[key[5:]] = type(getattr(BeamConfig(), key[5:], ""))(value)
+        else:
+            overrides.append(a)
+    if not own["checkpoint"]:
+        sys.exit("usage: python -m lmu_asr.evaluate checkpoint=PATH [data=...] [split=test] ...")
+    if own["scoring"] not in SCORING:
+        sys.exit(f"scoring must be one of {sorted(SCORING)}, got {own['scoring']!r}")
+    ckpt = resolve_checkpoint(Path(own["checkpoint"]))
+    env = distributed.env_from_environ()
+    device = distributed.pick_device("auto", env)
+    model, saved = load_model(ckpt, device)
+    cfg = compose_config(overrides + [f"model.subsampling={saved['model']['subsampling']}"])
+    loader, _ = split_loader(cfg, own["split"], env, train=False)
+    totals, per_utt = evaluate_loader(
+        model, loader, env, own["decoder"], BeamConfig(**beam_args), own["scoring"], progress=True
+    )
+    print(format_table([(own["split"], totals)]))
+    report = Path(own["report"] or ckpt / f"eval-{own['split']}-{own['decoder']}.json")
+    meta = {"checkpoint": str(ckpt), "split": own["split"], "decoder": own["decoder"]}
+    meta |= {"scoring": own["scoring"], "data": asdict(cfg.data)}
+    report.write_text(json.dumps({**meta, "totals": totals, "utterances": per_utt}, indent=2))
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The one entry point: `python -m lmu_asr.launch [overrides]` runs one job (the demo with no
+overrides); `python -m lmu_asr.launch -m sweep=NAME` runs a sweep (Hydra multirun)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lmu_asr.config import CONF_DIR, Config, register, to_config
+from lmu_asr.train import train
+
+register()
+log = logging.getLogger("lmu_asr")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> dict:
+    config = to_config(cfg)  # validates every group before any work starts
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log.info("run directory: %s", run_dir)
+    return train(config, run_dir)
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The validated Config that `launch` would run with these overrides (no run directory)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+if __name__ == "__main__":
+    main()

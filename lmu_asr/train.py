@@ -1,0 +1,341 @@
+"""train(cfg, run_dir): setup, resume, step loop, validation, checkpoints, final evaluation.
+
+Loss normalisation: an optimizer step sums the CTC loss over every utterance of its global batch
+(all micro-batches on all ranks) and divides by the global number of target tokens in it, so the
+gradient does not depend on how the batch is split over ranks or accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from lmu_asr import distributed
+from lmu_asr.checkpoint import TrainState, load_latest, save_checkpoint
+from lmu_asr.data import Batch, SkipCounter
+from lmu_asr.evaluate import evaluate_loader, format_table, split_loader
+from lmu_asr.features import compute_stats
+from lmu_asr.model import SpeechRecognizer
+from lmu_asr.optim import build_optimizer
+from lmu_asr.preemption import StopFlag
+from lmu_asr.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lmu_asr.config import Config
+
+log = logging.getLogger("lmu_asr")
+
+
+@dataclass
+class TrainerConfig:
+    """Hydra group `trainer`."""
+
+    max_steps: int = 3000
+    max_minutes: float = 0.0  # wall-clock budget summed over restarts; 0 = none
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0 = SLURM_CPUS_PER_TASK if set, else torch's default
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    grad_clip: float = 5.0  # 0 = no clipping
+    batches_per_step: int = 1  # global micro-batches per optimizer step, over all ranks
+    log_every: int = 25
+    eval_every: int = 250
+    patience: int = 0  # evaluations without dev improvement before stopping; 0 = never
+    metric: str = "cer"  # dev metric for early stopping and the best checkpoint: cer | wer
+    stats_utts: int = 300  # training utterances for the global feature mean/std
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batches_per_step", "log_every", "eval_every", "stats_utts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_minutes", "grad_clip", "patience", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        choices = {
+            "device": ("auto", "cpu", "cuda"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "metric": ("cer", "wer"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                value = getattr(self, name)
+                raise ValueError(f"trainer.{name} must be one of {allowed}, got {value!r}")
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train in `run_dir`, resuming from its newest complete checkpoint; returns the results."""
+    tc = cfg.trainer
+    env = distributed.env_from_environ()
+    device = distributed.pick_device(tc.device, env)
+    distributed.set_threads(tc.threads)
+    distributed.init(env, device)
+    _seed_everything(tc.seed)
+    precision = pick_precision(tc.precision, device)
+    if tc.batches_per_step % env.world_size:
+        raise ValueError(
+            f"trainer.batches_per_step ({tc.batches_per_step}) must be a multiple of the "
+            f"world size ({env.world_size})"
+        )
+    accum = tc.batches_per_step // env.world_size
+
+    model = SpeechRecognizer(cfg.model, cfg.features, cfg.data.sample_rate).to(device)
+    loader, sampler = split_loader(cfg, "train", env, train=True)
+    dev_loader, _ = split_loader(cfg, "dev", env, train=False)
+    opt, sched = build_optimizer(model, cfg.optim, tc.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    state = TrainState()
+    if found := load_latest(run_dir):
+        path, ckpt = found
+        _check_architecture(ckpt["config"], cfg, path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.load_state_dict(ckpt["train_state"])
+        state.restore_rng()
+        log.info("resumed from %s (step %d, epoch %d)", path, state.step, state.epoch)
+    elif cfg.features.normalize == "global":
+        mean, std = compute_stats(model.frontend, loader.dataset, tc.stats_utts)
+        model.frontend.set_stats(mean.to(device), std.to(device))
+
+    tracker = Tracker(cfg.tracking, run_dir, env.rank, params=asdict(cfg), run_id=state.run_id)
+    state.run_id = tracker.run_id
+    ddp = DistributedDataParallel(model) if env.distributed else model
+    saved_step = state.step if found else -1
+
+    def save() -> None:
+        nonlocal saved_step
+        if env.is_main and saved_step != state.step:
+            state.capture_rng()
+            items = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+            items |= {"train_state": state, "config": _saved_config(cfg)}
+            save_checkpoint(run_dir, state.step, items, cfg.checkpoint.keep_last, state.best_step)
+        saved_step = state.step
+        distributed.barrier()
+
+    skips = SkipCounter()
+    stream = _batches(loader, sampler, state, skips)
+    budget_s = tc.max_minutes * 60 or math.inf
+    status, window, t_mark = "finished", _Window(), time.monotonic()
+    with StopFlag() as stop:
+        while state.step < tc.max_steps:
+            ddp.train()
+            group = [next(stream) for _ in range(accum)]
+            loss, gnorm, ok = _step(ddp, group, opt, scaler, tc.grad_clip, precision, device, env)
+            if ok:
+                sched.step()
+            else:
+                state.nonfinite_steps += 1
+                _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
+            state.step += 1
+            window.add(loss, sum(b.wav_lens.sum().item() for b in group) / cfg.data.sample_rate)
+
+            if state.step % tc.log_every == 0:
+                _log_progress(tracker, state, tc, opt, window, gnorm, env, budget_s)
+            if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
+                _validate(cfg, model, dev_loader, env, state, tracker)
+                save()
+                if tc.patience and state.bad_evals >= tc.patience:
+                    log.info("early stop: dev %s did not improve for %d evals", tc.metric, tc.patience)
+                    break
+            elif state.step % cfg.checkpoint.every_steps == 0:
+                save()
+            state.elapsed_s += time.monotonic() - t_mark  # wall clock, validation included
+            t_mark = time.monotonic()
+            if distributed.any_rank(stop.requested or state.elapsed_s >= budget_s, device):
+                status = "stopped" if stop.requested else "time_limit"
+                break
+        save()
+    if skips.total:
+        log.warning("skipped utterances in training: %s", skips.summary())
+    if status == "stopped":
+        log.info("stopped at step %d; run the same command again to resume", state.step)
+        tracker.close("KILLED")
+        return {"status": status, "step": state.step}
+
+    results = _final_evaluation(cfg, run_dir, model, env, state, tracker)
+    results |= {"status": status, "steps": state.step, "train_minutes": state.elapsed_s / 60}
+    results["nonfinite_steps"] = state.nonfinite_steps
+    if env.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        tracker.log_artifact(run_dir / "results.json")
+    tracker.close("FINISHED")
+    return results
+
+
+def _batches(loader, sampler, state: TrainState, skips: SkipCounter) -> Iterator[Batch]:
+    """Endless stream of non-empty training batches; keeps state.epoch/batch_in_epoch exact."""
+    while True:
+        sampler.set_epoch(state.epoch, skip=state.batch_in_epoch)
+        for batch in loader:
+            state.batch_in_epoch += 1
+            skips.add(batch)
+            if len(batch.ids):
+                yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def _step(model, group: list[Batch], opt, scaler, clip: float, precision, device, env):
+    """One optimizer step over the micro-batches of `group`. Returns (loss per token, gradient
+    norm, whether loss and gradient were finite on every rank); a non-finite step is skipped."""
+    n_tokens = sum(b.token_lens.sum().item() for b in group)
+    tokens = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=device))
+    scale = env.world_size / tokens.clamp(min=1)  # DDP averages gradients over ranks: undo it
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(group):
+        batch = batch.to(device)
+        last = i == len(group) - 1
+        no_sync = isinstance(model, DistributedDataParallel) and not last
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(device.type, precision, enabled=precision != torch.float32):
+                log_probs, out_lens = model(batch.wav, batch.wav_lens)  # (B, T, V), (B,)
+            loss = F.ctc_loss(
+                log_probs.transpose(0, 1).float(), batch.tokens, out_lens, batch.token_lens,
+                reduction="sum",
+            )  # fmt: skip
+            scaler.scale(loss * scale).backward()
+        total += loss.detach()
+    scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+    bad = not bool(torch.isfinite(total) and torch.isfinite(gnorm))
+    ok = not distributed.any_rank(bad, device)
+    if ok:
+        scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return (distributed.all_reduce_sum(total) / tokens).item(), gnorm.item(), ok
+
+
+class _Window:
+    """Loss and audio seconds since the last progress line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.audio_s, self.t0 = 0.0, time.monotonic()
+
+    def add(self, loss: float, audio_s: float) -> None:
+        self.losses.append(loss)
+        self.audio_s += audio_s
+
+
+def _log_progress(tracker, state, tc, opt, window: _Window, gnorm, env, budget_s) -> None:
+    finite = [x for x in window.losses if math.isfinite(x)]
+    loss = sum(finite) / max(len(finite), 1)
+    speed = window.audio_s * env.world_size / max(time.monotonic() - window.t0, 1e-9)
+    sec_per_step = (time.monotonic() - window.t0) / max(len(window.losses), 1)
+    eta = min((tc.max_steps - state.step) * sec_per_step, budget_s - state.elapsed_s)
+    lr = opt.param_groups[0]["lr"]
+    log.info(
+        "step %d/%d | loss %.3f | lr %.2e | grad %.2f | %.0f audio-s/s | eta %s",
+        *(state.step, tc.max_steps, loss, lr, gnorm, speed, _fmt_time(eta)),
+    )
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm}
+    metrics |= {"train/audio_s_per_s": speed, "train/epoch": state.epoch}
+    tracker.log(metrics, state.step)
+    window.reset()
+
+
+def _validate(cfg: Config, model, dev_loader, env, state: TrainState, tracker) -> None:
+    totals, _ = evaluate_loader(model, dev_loader, env)
+    value = totals[cfg.trainer.metric]
+    if value < state.best_metric:
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+    else:
+        state.bad_evals += 1
+    log.info(
+        "dev @ step %d: CER %.4f  WER %.4f  (best %s %.4f @ step %d)",
+        *(state.step, totals["cer"], totals["wer"], cfg.trainer.metric),
+        *(state.best_metric, state.best_step),
+    )
+    tracker.log({"dev/cer": totals["cer"], "dev/wer": totals["wer"]}, state.step)
+
+
+def _final_evaluation(cfg, run_dir, model, env, state, tracker) -> dict:
+    """Evaluate the best checkpoint on dev and test with greedy decoding."""
+    if state.best_step >= 0 and state.best_step != state.step:
+        ckpt = run_dir / "checkpoints" / f"step-{state.best_step:08d}"
+        if ckpt.is_dir():
+            from lmu_asr.checkpoint import load_checkpoint
+
+            model.load_state_dict(load_checkpoint(ckpt)["model"])
+    results: dict = {"best_step": state.best_step}
+    rows = []
+    for split in ("dev", "test"):
+        totals, _ = evaluate_loader(model, split_loader(cfg, split, env, train=False)[0], env)
+        results |= {f"{split}_cer": totals["cer"], f"{split}_wer": totals["wer"]}
+        rows.append((split, totals))
+    if env.is_main:
+        print(format_table(rows), flush=True)
+    tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
+    return results
+
+
+def _record_nonfinite(run_dir: Path, env, step: int, group, loss: float, gnorm: float) -> None:
+    log.warning("step %d: non-finite loss %s or grad norm %s; step skipped", step, loss, gnorm)
+    record = {"step": step, "rank": env.rank, "loss": loss, "grad_norm": gnorm}
+    record["ids"] = [i for b in group for i in b.ids]
+    with open(run_dir / f"nonfinite-rank{env.rank}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _saved_config(cfg: Config) -> dict:
+    """What a checkpoint needs to rebuild its model (evaluate, transcribe, resume checks)."""
+    return {"model": asdict(cfg.model), "features": asdict(cfg.features)} | {
+        "sample_rate": cfg.data.sample_rate
+    }
+
+
+def _check_architecture(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume into a different model; runtime-only settings may change."""
+    runtime = {"name", "dropout", "activation_checkpointing"}  # model fields that may change
+    runtime |= {"freq_masks", "freq_width", "time_masks", "time_width"}  # SpecAugment
+    now = _saved_config(cfg)
+    diff = {
+        f"{group}.{k}": (saved[group].get(k), v)
+        for group in ("model", "features")
+        for k, v in now[group].items()
+        if k not in runtime and saved[group].get(k) != v
+    }
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} != config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"refusing to resume from {path}: the model architecture differs ({details}). "
+            "Use a new run directory (hydra.run.dir=...) or the checkpoint's settings."
+        )
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(max(seconds, 0)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

@@ -1,0 +1,45 @@
+"""Shared fixtures: a few real audio files (wav, flac, ogg/vorbis, ogg/opus) and a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+
+def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 220.0) -> np.ndarray:
+    """A quiet sine with a little noise, (samples,) or (samples, channels) float32."""
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(int(freq))
+    wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))
+    wav = wav.astype(np.float32)
+    return np.stack([wav] * channels, axis=1) if channels > 1 else wav
+
+
+# name: (file, seconds, sample rate, channels, soundfile format, subtype, transcript)
+AUDIO_FILES = {
+    "wav": ("a.wav", 2.0, 16000, 1, "WAV", "PCM_16", "Hello world, it's 2 PM."),
+    "flac": ("b.flac", 1.5, 16000, 2, "FLAC", "PCM_16", "a stereo flac file"),
+    "ogg": ("c.ogg", 1.2, 22050, 1, "OGG", "VORBIS", "resampled from twenty two k"),
+    "opus": ("d.opus", 1.0, 48000, 1, "OGG", "OPUS", "opus at forty eight k"),
+}
+
+
+@pytest.fixture(scope="session")
+def audio_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of the files in AUDIO_FILES plus "manifest" (relative audio paths, raw text)."""
+    folder = tmp_path_factory.mktemp("audio")
+    paths: dict[str, Path] = {}
+    rows = []
+    for name, (file, seconds, rate, channels, fmt, subtype, text) in AUDIO_FILES.items():
+        paths[name] = folder / file
+        soundfile.write(
+            paths[name], tone(seconds, rate, channels), rate, format=fmt, subtype=subtype
+        )
+        rows.append({"id": name, "audio": file, "text": text})
+    paths["manifest"] = folder / "manifest.jsonl"
+    paths["manifest"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
