@@ -165,6 +165,9 @@ def make_loader(
         collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=False,
+        # its own generator: creating an iterator must not draw from the global RNG, or a run
+        # resumed mid-epoch would see different dropout/SpecAugment draws than a straight one
+        generator=torch.Generator(),
     )
 
 

@@ -96,6 +96,7 @@ def bench_data(args: argparse.Namespace) -> dict:
     from lmu_asr.data import (
         BucketBatchSampler,
         DataConfig,
+        SkipCounter,
         SpeechDataset,
         load_split,
         make_loader,
@@ -123,18 +124,20 @@ def bench_data(args: argparse.Namespace) -> dict:
         if args.files == "demo":
             utts = load_split(DataConfig(), "train")
         else:
-            utts = _write_wavs(Path(tmp), args.num_files)
+            utts = _write_wavs(Path(tmp), args.num_files, args.rate)
         dataset = SpeechDataset(utts, subsampling=4)
         sampler = BucketBatchSampler([num_frames(u.duration) for u in utts], args.max_frames)
         loader = make_loader(dataset, sampler, args.workers)
         t0 = time.perf_counter()
         n_utts = audio_s = 0
+        skipped = SkipCounter()
         for batch in loader:
+            skipped.add(batch)
             n_utts += len(batch)
             audio_s += batch.wav_lens.sum().item() / 16000
         elapsed = time.perf_counter() - t0
     result["loader"] = {
-        "files": args.files,
+        "files": args.files if args.files == "demo" else f"generated at {args.rate} Hz",
         "workers": args.workers,
         "utterances": n_utts,
         "audio_hours": round(audio_s / 3600, 3),
@@ -142,13 +145,14 @@ def bench_data(args: argparse.Namespace) -> dict:
         "seconds": round(elapsed, 3),
         "utterances_per_s": round(n_utts / elapsed, 1),
         "audio_s_per_s": round(audio_s / elapsed, 1),
-        "note": "one epoch incl. worker start-up; decode + resample check + collate",
+        "skipped": skipped.summary(),
+        "note": "one epoch incl. worker start-up: decode, resample to 16 kHz, checks, collate",
     }
     return result
 
 
-def _write_wavs(folder, count: int) -> list:
-    """`count` 16-kHz wav files of 1-8 s (tones in noise) with a short transcript each."""
+def _write_wavs(folder, count: int, rate: int) -> list:
+    """`count` wav files of 1-8 s (tones in noise) at `rate` Hz with a short transcript each."""
     import numpy as np
     import soundfile
 
@@ -158,12 +162,12 @@ def _write_wavs(folder, count: int) -> list:
     utts = []
     for i in range(count):
         seconds = rng.uniform(1.0, 8.0)
-        t = np.arange(int(seconds * 16000)) / 16000
+        t = np.arange(int(seconds * rate)) / rate
         tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t)
         wav = tone + 0.05 * rng.standard_normal(len(t))
         path = folder / f"utt{i:05d}.wav"
-        soundfile.write(path, wav.astype(np.float32), 16000, subtype="PCM_16")
-        utts.append(Utterance(f"utt{i:05d}", str(path), "a short test sentence", len(t) / 16000))
+        soundfile.write(path, wav.astype(np.float32), rate, subtype="PCM_16")
+        utts.append(Utterance(f"utt{i:05d}", str(path), "a short test sentence", len(t) / rate))
     return utts
 
 
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         help="loader data: generated wav files or the demo corpus train split",
     )
     p_data.add_argument("--num-files", type=int, default=300, help="generated wav files")
+    p_data.add_argument("--rate", type=int, default=16000, help="sample rate of generated files")
     p_data.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p_data.add_argument("--max-frames", type=int, default=20000, help="frames per batch")
     p_data.set_defaults(fn=bench_data)

@@ -35,14 +35,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def __post_init__(self) -> None:
-        longest = int(self.data.max_duration * 1000 / self.features.hop_ms) + 1
-        if self.data.max_frames < longest:
-            raise ValueError(
-                f"data.max_frames ({self.data.max_frames}) is smaller than one utterance of "
-                f"data.max_duration={self.data.max_duration}s ({longest} frames)"
-            )
-
 
 def register() -> None:
     """Schema for conf/config.yaml, plus every sweeps/<name>.yaml as the `sweep` group."""

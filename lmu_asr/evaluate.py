@@ -89,8 +89,8 @@ def evaluate_loader(
         batch = batch.to(device)
         log_probs, out_lens = model(batch.wav, batch.wav_lens)
         hyps = decode(log_probs, out_lens)
-        for uid, tokens, n, hyp in zip(batch.ids, batch.tokens, batch.token_lens, hyps, strict=True):
-            rows[uid] = (decode_ids(tokens[:n].tolist()), hyp)
+        refs = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
+        rows |= {uid: (ref, hyp) for uid, ref, hyp in zip(batch.ids, refs, hyps, strict=True)}
     model.train(was_training)
     if dist.is_initialized():  # shards may repeat an utterance to even out: dedupe by id
         gathered: list = [None] * env.world_size

@@ -43,8 +43,14 @@ class Skipped:
     reason: str  # one of SKIP_REASONS
 
 
-SKIP_REASONS = ("empty transcript", "out-of-alphabet", "too long", "unreadable audio")
-SKIP_REASONS += ("empty audio", "ctc infeasible")
+SKIP_REASONS = (
+    "empty transcript",
+    "out-of-alphabet",
+    "too long",
+    "unreadable audio",
+    "empty audio",
+    "ctc infeasible",
+)
 
 
 @dataclass

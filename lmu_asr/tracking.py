@@ -47,11 +47,8 @@ class TrackingConfig:
     experiment: str = "lmu_asr"
     run_name: str | None = None  # None: the run dir's name
     parent_run_id: str | None = None  # sweeps: tag `mlflow.parentRunId`
-    log_every: int = 1  # for the trainer: log (averaged) training metrics every N steps
 
     def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ValueError(f"tracking.log_every must be >= 1, got {self.log_every}")
         if not self.experiment:
             raise ValueError(f"tracking.experiment must not be empty, got {self.experiment!r}")
 

@@ -49,8 +49,8 @@ def _closed_port() -> int:
 
 
 def test_config_validation_and_uri(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="log_every.*0"):
-        TrackingConfig(log_every=0)
+    with pytest.raises(ValueError, match="tracking.experiment"):
+        TrackingConfig(experiment="")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert resolve_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
