@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lmu_asr import distributed
-from lmu_asr.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from lmu_asr.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint
 from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
 from lmu_asr.decode import BeamConfig, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
@@ -189,4 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, CheckpointError) as err:
+        sys.exit(f"error: {err}")

@@ -121,15 +121,25 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     def _decode(self, audio: str | bytes | HFAudio) -> torch.Tensor:
         try:
-            source = audio.load() if isinstance(audio, HFAudio) else audio
-            data, rate = soundfile.read(
-                io.BytesIO(source) if isinstance(source, bytes) else source,
-                dtype="float32",
-                always_2d=True,
-            )
-        except Exception as err:  # libsndfile, missing file, bad HF row: all mean unreadable
-            raise _Bad("unreadable audio", f"{type(err).__name__}: {err}") from None
-        wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # mix to mono
-        if rate != self.sample_rate and wav.numel():
-            wav = torchaudio.functional.resample(wav, rate, self.sample_rate)
-        return wav
+            return read_audio(audio, self.sample_rate)
+        except ValueError as err:
+            raise _Bad("unreadable audio", str(err)) from None
+
+
+def read_audio(audio: str | bytes | HFAudio, sample_rate: int = 16000) -> torch.Tensor:
+    """A file path, encoded bytes (wav/flac/ogg) or an HF row -> (S,) float32 mono at
+    `sample_rate`. Raises ValueError naming the file when it cannot be decoded."""
+    try:
+        source = audio.load() if isinstance(audio, HFAudio) else audio
+        data, rate = soundfile.read(
+            io.BytesIO(source) if isinstance(source, bytes) else source,
+            dtype="float32",
+            always_2d=True,
+        )
+    except Exception as err:  # libsndfile, missing file, bad HF row: all mean unreadable
+        name = "<bytes>" if isinstance(audio, bytes) else str(audio)
+        raise ValueError(f"cannot read audio {name}: {type(err).__name__}: {err}") from None
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # mix to mono
+    if rate != sample_rate and wav.numel():
+        wav = torchaudio.functional.resample(wav, rate, sample_rate)
+    return wav

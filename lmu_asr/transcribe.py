@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from lmu_asr.checkpoint import CheckpointError
 from lmu_asr.decode import BeamConfig, make_decoder
 from lmu_asr.evaluate import load_model, resolve_checkpoint
 from lmu_asr.speech_dataset import read_audio
@@ -44,4 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, CheckpointError) as err:
+        sys.exit(f"error: {err}")

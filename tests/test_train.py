@@ -161,3 +161,32 @@ def test_resume_with_another_architecture_is_refused(tmp_path, corpus_env):
     assert "refusing to resume" in out.stderr and "model.order" in out.stderr
     # runtime-only settings may change
     launch(run_dir, corpus_env, "tracking=off", "trainer.max_steps=3", "trainer.log_every=1")
+
+
+def test_evaluate_and_transcribe_a_trained_checkpoint(tmp_path, corpus_env):
+    run_dir = tmp_path / "run"
+    launch(run_dir, corpus_env, "tracking=off", "trainer.max_steps=4", "trainer.eval_every=2")
+    manifest = next(Path(corpus_env["LMU_ASR_CACHE"]).glob("*/test.jsonl"))
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "lmu_asr.evaluate", f"checkpoint={run_dir}", "data=manifest"]
+    cmd += [f"data.manifest={manifest}", "split=train", "decoder=beam", "beam.beam_size=4"]
+    cmd += [f"report={report}"]
+    out = subprocess.run(cmd, env=corpus_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "WER" in out.stdout and "CER" in out.stdout
+    data = json.loads(report.read_text())
+    assert data["totals"]["utterances"] == 8 and data["decoder"] == "beam"
+    row = data["utterances"][0]
+    assert {"id", "ref", "hyp", "word_errors", "char_errors", "alignment"} <= row.keys()
+    assert row["ref"]  # references are the manifest's transcripts
+
+    wav = manifest.parent / json.loads(manifest.read_text().splitlines()[0])["audio"]
+    cmd = [sys.executable, "-m", "lmu_asr.transcribe", f"checkpoint={run_dir}", f"audio=[{wav}]"]
+    out = subprocess.run(cmd, env=corpus_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(str(wav)), out.stderr
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "lmu_asr.evaluate", f"checkpoint={tmp_path}/nope"],
+        env=corpus_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "nope" in missing.stderr
