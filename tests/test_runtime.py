@@ -1,0 +1,77 @@
+"""Who-am-I from the environment, stop requests, the LR schedule."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from lmu_asr.distributed import DistEnv, env_from_environ, set_threads
+from lmu_asr.optim import OptimConfig, build_optimizer, lr_factor
+from lmu_asr.preemption import StopFlag
+
+
+def test_single_process_by_default():
+    assert env_from_environ({}) == DistEnv()
+    # a one-task SLURM job is one process too
+    assert env_from_environ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == DistEnv()
+
+
+def test_torchrun_environment():
+    env = env_from_environ(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "7"}
+    )
+    assert env == DistEnv(rank=3, local_rank=1, world_size=4, master_addr="n1", master_port=7)
+    assert not env.is_main and env.distributed
+
+
+def test_slurm_environment_gets_a_per_job_port():
+    e = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "n1"}
+    a = env_from_environ(e | {"SLURM_JOB_ID": "101"})
+    b = env_from_environ(e | {"SLURM_JOB_ID": "102"})
+    assert (a.rank, a.world_size, a.master_addr) == (1, 2, "n1")
+    assert a.master_port != b.master_port
+
+
+def test_threads_from_slurm(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        assert set_threads(0) == 1
+        assert set_threads(2) == 2  # the config wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_stop_flag_records_the_signal_and_restores_handlers():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopFlag() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_second_ctrl_c_interrupts_at_once():
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(cfg, 0, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg, 9, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 55, 100) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, 100) == pytest.approx(0.1)
+    assert lr_factor(OptimConfig(schedule="constant", warmup_steps=0), 50, 100) == 1.0
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt, _ = build_optimizer(model, OptimConfig(weight_decay=0.1), 10)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and [p.dim() for p in decayed["params"]] == [2]
+    assert plain["weight_decay"] == 0 and len(plain["params"]) == 3
