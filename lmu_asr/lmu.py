@@ -132,7 +132,7 @@ class LMU(nn.Module):
         # Derived constants live outside the state dict and stay float64 on the CPU
         # (model.half() must not touch them); _cache keeps copies per (device, dtype).
         self._A, self._B = A * theta, B * theta  # theta = 1
-        self._cache: dict[tuple, tuple] = {}
+        self._cache: dict[tuple, object] = {}
         if trainable_theta:
             self.theta: float | nn.Parameter = nn.Parameter(torch.tensor(float(theta)))
         else:
@@ -185,11 +185,10 @@ class LMU(nn.Module):
 
     def _impulse_response(self, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """H[:, :T] (order, T), built in float64 and kept for the longest T seen so far."""
-        H = self._cache.get(("H", device, dtype), (None,))[0]
+        H = self._cache.get(("H", device, dtype))
         if H is None or H.shape[1] < T:
-            H = impulse_response(*self.discretized(torch.device("cpu"), torch.float64), T)
-            H = H.to(device, dtype)
-            self._cache["H", device, dtype] = (H,)
+            Ad, Bd = self.discretized(torch.device("cpu"), torch.float64)
+            H = self._cache["H", device, dtype] = impulse_response(Ad, Bd, T).to(device, dtype)
         return H[:, :T]
 
     def forward(
