@@ -90,8 +90,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if `flag` is true on any rank: how all ranks agree at a step boundary."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
+    return max_over_ranks([float(flag)], device)[0] > 0
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over ranks (identity for one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def barrier() -> None:

@@ -1,4 +1,8 @@
-"""AdamW with linear warmup then cosine (or no) decay."""
+"""AdamW with linear warmup then cosine (or no) decay.
+
+The learning rate is a function of the training state, not a scheduler object: warmup counts
+steps; the decay follows the run's progress, the larger of step / max_steps and elapsed / budget
+(trainer.max_minutes), so a time-limited run anneals by its deadline too."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-8
     warmup_steps: int = 300
-    schedule: str = "cosine"  # decays to min_lr_ratio * lr at trainer.max_steps
+    schedule: str = "cosine"  # decays to min_lr_ratio * lr at the end of the run
     min_lr_ratio: float = 0.05
 
     def __post_init__(self) -> None:
@@ -40,13 +44,11 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, max_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # no weight decay on biases, norms and LMU's scalar parameters
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0},
@@ -55,13 +57,13 @@ def build_optimizer(
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
     )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, max_steps))
 
 
-def lr_factor(cfg: OptimConfig, step: int, max_steps: int) -> float:
+def lr_at(cfg: OptimConfig, step: int, progress: float) -> float:
+    """Learning rate for `step` (0-based) at `progress` in [0, 1] of the run."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.lr
+    p = min(max(progress, 0.0), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))

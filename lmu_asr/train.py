@@ -29,7 +29,7 @@ from lmu_asr.data import Batch, SkipCounter
 from lmu_asr.evaluate import evaluate_loader, format_table, split_loader
 from lmu_asr.features import compute_stats
 from lmu_asr.model import SpeechRecognizer
-from lmu_asr.optim import build_optimizer
+from lmu_asr.optim import build_optimizer, lr_at
 from lmu_asr.preemption import StopFlag
 from lmu_asr.tracking import Tracker
 
@@ -94,7 +94,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     model = SpeechRecognizer(cfg.model, cfg.features, cfg.data.sample_rate).to(device)
     loader, sampler = split_loader(cfg, "train", env, train=True)
     dev_loader, _ = split_loader(cfg, "dev", env, train=False)
-    opt, sched = build_optimizer(model, cfg.optim, tc.max_steps)
+    opt = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     state = TrainState()
     if found := load_latest(run_dir):
@@ -102,7 +102,6 @@ def train(cfg: Config, run_dir: Path) -> dict:
         _check_architecture(ckpt["config"], cfg, path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state.load_state_dict(ckpt["train_state"])
         state.restore_rng()
@@ -120,7 +119,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         if env.is_main and saved_step != state.step:
             state.run_id = tracker.run_id  # late if MLflow was down at the start
             state.capture_rng()
-            items = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+            items = {"model": model, "optimizer": opt, "scaler": scaler}
             items |= {"train_state": state, "config": _saved_config(cfg)}
             best = state.best_step if cfg.checkpoint.keep_best else None
             save_checkpoint(run_dir, state.step, items, cfg.checkpoint.keep_last, best)
@@ -135,10 +134,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
         while state.step < tc.max_steps:
             ddp.train()
             group = [next(stream) for _ in range(accum)]
+            progress = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg.optim, state.step, progress)
             loss, gnorm, ok = _step(ddp, group, opt, scaler, tc.grad_clip, precision, device, env)
-            if ok:
-                sched.step()
-            else:
+            if not ok:
                 state.nonfinite_steps += 1
                 _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
             state.step += 1
@@ -155,10 +155,12 @@ def train(cfg: Config, run_dir: Path) -> dict:
                     break
             elif state.step % cfg.checkpoint.every_steps == 0:
                 save()
-            state.elapsed_s += time.monotonic() - t_mark  # wall clock, validation included
+            # wall clock, validation included; ranks agree on it (it sets the learning rate)
+            elapsed = state.elapsed_s + time.monotonic() - t_mark
             t_mark = time.monotonic()
-            if distributed.any_rank(stop.requested or state.elapsed_s >= budget_s, device):
-                status = "stopped" if stop.requested else "time_limit"
+            halt, state.elapsed_s = distributed.max_over_ranks([stop.requested, elapsed], device)
+            if halt or state.elapsed_s >= budget_s:
+                status = "stopped" if halt else "time_limit"
                 break
         save()
         if skips.total:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmu_asr.distributed import DistEnv, env_from_environ, set_threads
-from lmu_asr.optim import OptimConfig, build_optimizer, lr_factor
+from lmu_asr.optim import OptimConfig, build_optimizer, lr_at
 from lmu_asr.preemption import StopFlag
 
 
@@ -60,18 +60,20 @@ def test_second_ctrl_c_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_warmup_then_cosine_to_the_floor():
-    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(cfg, 0, 100) == pytest.approx(0.1)
-    assert lr_factor(cfg, 9, 100) == pytest.approx(1.0)
-    assert lr_factor(cfg, 55, 100) == pytest.approx(0.55)
-    assert lr_factor(cfg, 100, 100) == pytest.approx(0.1)
-    assert lr_factor(OptimConfig(schedule="constant", warmup_steps=0), 50, 100) == 1.0
+def test_warmup_by_steps_then_cosine_by_progress():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9, 0.05) == pytest.approx(1.0)
+    assert lr_at(cfg, 55, 0.5) == pytest.approx(0.55)
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 100, 7.0) == pytest.approx(0.1)  # past the deadline: stays at the floor
+    constant = OptimConfig(lr=1.0, schedule="constant", warmup_steps=0)
+    assert lr_at(constant, 50, 0.9) == 1.0
 
 
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt, _ = build_optimizer(model, OptimConfig(weight_decay=0.1), 10)
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and [p.dim() for p in decayed["params"]] == [2]
     assert plain["weight_decay"] == 0 and len(plain["params"]) == 3
