@@ -59,6 +59,7 @@ class BeamSearchDecoder:
     def __init__(self, cfg: BeamConfig):
         from torchaudio.models.decoder import ctc_decoder
 
+        self._words = cfg.lexicon is not None
         self._decoder = ctc_decoder(
             lexicon=cfg.lexicon,
             tokens=self._TOKENS,
@@ -74,6 +75,8 @@ class BeamSearchDecoder:
 
     def __call__(self, log_probs: Tensor, lengths: Tensor) -> list[str]:
         hyps = self._decoder(log_probs.detach().float().cpu().contiguous(), lengths.cpu().int())
+        if self._words:  # lexicon decoding: the words themselves
+            return [" ".join(h[0].words) if h else "" for h in hyps]
         # tokens come back with repeats merged and blanks removed; "|" maps to our space
         return [ids_to_text(h[0].tokens.tolist()) if h else "" for h in hyps]
 

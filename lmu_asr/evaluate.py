@@ -1,8 +1,10 @@
 """WER/CER of a checkpoint on a data split, and the evaluation pieces the trainer shares.
 
     python -m lmu_asr.evaluate checkpoint=RUN_DIR_OR_STEP_DIR [data=manifest data.manifest=F.jsonl]
-        [split=test] [decoder=greedy|beam] [beam.beam_size=16] [scoring=plain|gigaspeech]
-        [report=FILE.json]
+        [split=train|dev|test] [decoder=greedy|beam] [beam.beam_size=16]
+        [scoring=plain|gigaspeech] [report=FILE.json]
+
+With data=manifest the file scored is data.manifest; otherwise split defaults to test.
 
 Any other `group.key=value` is a Hydra override of the data/features settings (conf/).
 The model's architecture and feature settings come from the checkpoint.
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lmu_asr import distributed
@@ -152,21 +155,28 @@ def load_model(path: Path, device: torch.device) -> tuple[SpeechRecognizer, dict
     return model.to(device).eval(), saved
 
 
+def beam_config(dotlist: list[str]) -> BeamConfig:
+    """["beam_size=8", "lm=x.arpa", ...] -> a validated BeamConfig (unknown keys refused)."""
+    merged = OmegaConf.merge(OmegaConf.structured(BeamConfig), OmegaConf.from_dotlist(dotlist))
+    return OmegaConf.to_object(merged)
+
+
 def main(argv: list[str] | None = None) -> None:
     from lmu_asr.launch import compose_config
 
     args = list(sys.argv[1:] if argv is None else argv)
-    own = {"checkpoint": None, "split": "test", "decoder": "greedy", "scoring": "plain"}
+    own = {"checkpoint": None, "split": None, "decoder": "greedy", "scoring": "plain"}
     own["report"] = None
-    overrides, beam_args = [], {}
+    overrides, beam_args = [], []
     for a in args:
         key, _, value = a.partition("=")
         if key in own:
             own[key] = value
         elif key.startswith("beam."):
-            beam_args[key[5:]] = type(getattr(BeamConfig(), key[5:], ""))(value)
+            beam_args.append(a[5:])
         else:
             overrides.append(a)
+    beam = beam_config(beam_args)
     if not own["checkpoint"]:
         sys.exit("usage: python -m lmu_asr.evaluate checkpoint=PATH [data=...] [split=test] ...")
     if own["scoring"] not in SCORING:
@@ -176,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     device = distributed.pick_device("auto", env)
     model, saved = load_model(ckpt, device)
     cfg = compose_config(overrides + [f"model.subsampling={saved['model']['subsampling']}"])
+    # data=manifest scores data.manifest (the "train" slot) unless a split is named
+    own["split"] = own["split"] or ("train" if cfg.data.source == "manifest" else "test")
     loader, _ = split_loader(cfg, own["split"], env, train=False)
     totals, per_utt = evaluate_loader(
-        model, loader, env, own["decoder"], BeamConfig(**beam_args), own["scoring"], progress=True
+        model, loader, env, own["decoder"], beam, own["scoring"], progress=True
     )
     print(format_table([(own["split"], totals)]))
     report = Path(own["report"] or ckpt / f"eval-{own['split']}-{own['decoder']}.json")

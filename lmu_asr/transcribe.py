@@ -13,17 +13,20 @@ import torch
 from omegaconf import OmegaConf
 
 from lmu_asr.checkpoint import CheckpointError
-from lmu_asr.decode import BeamConfig, make_decoder
-from lmu_asr.evaluate import load_model, resolve_checkpoint
+from lmu_asr.decode import make_decoder
+from lmu_asr.evaluate import beam_config, load_model, resolve_checkpoint
 from lmu_asr.speech_dataset import read_audio
 
 USAGE = "usage: python -m lmu_asr.transcribe checkpoint=PATH audio=[a.wav,b.flac] [decoder=beam]"
 
 
 @torch.no_grad()
-def transcribe(checkpoint: Path, audio: list[Path], decoder: str = "greedy", **beam) -> list[str]:
+def transcribe(
+    checkpoint: Path, audio: list[Path], decoder: str = "greedy", beam: list[str] | None = None
+) -> list[str]:
+    """Transcripts of `audio` files; `beam` holds BeamConfig overrides like "beam_size=8"."""
     model, saved = load_model(resolve_checkpoint(checkpoint), torch.device("cpu"))
-    decode = make_decoder(decoder, BeamConfig(**beam))
+    decode = make_decoder(decoder, beam_config(beam or []))
     texts = []
     for path in audio:  # one at a time: no padding, any length
         wav = read_audio(str(path), saved["sample_rate"])
@@ -38,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(USAGE)
     audio = args.audio if OmegaConf.is_list(args.audio) else [args.audio]
     beam = OmegaConf.to_container(args.get("beam", OmegaConf.create({})))
+    beam = [f"{k}={v}" for k, v in beam.items()]
     decoder = args.get("decoder", "greedy")
-    texts = transcribe(Path(args.checkpoint), [Path(a) for a in audio], decoder, **beam)
+    texts = transcribe(Path(args.checkpoint), [Path(a) for a in audio], decoder, beam)
     for path, text in zip(audio, texts, strict=True):
         print(f"{path}\t{text}")
 

@@ -169,7 +169,7 @@ def test_evaluate_and_transcribe_a_trained_checkpoint(tmp_path, corpus_env):
     manifest = next(Path(corpus_env["LMU_ASR_CACHE"]).glob("*/test.jsonl"))
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "lmu_asr.evaluate", f"checkpoint={run_dir}", "data=manifest"]
-    cmd += [f"data.manifest={manifest}", "split=train", "decoder=beam", "beam.beam_size=4"]
+    cmd += [f"data.manifest={manifest}", "decoder=beam", "beam.beam_size=4"]
     cmd += [f"report={report}"]
     out = subprocess.run(cmd, env=corpus_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
