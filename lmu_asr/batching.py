@@ -182,7 +182,7 @@ class SkipCounter:
     def add(self, skipped: Batch | Iterable[tuple[str, str]]) -> None:
         for utt_id, reason in skipped.skipped if isinstance(skipped, Batch) else skipped:
             self.counts[reason] += 1
-            if len(self.first_ids) < self.max_ids:
+            if len(self.first_ids) < self.max_ids and utt_id not in self.first_ids:
                 self.first_ids.append(utt_id)
 
     @property

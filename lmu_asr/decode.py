@@ -36,8 +36,8 @@ class BeamConfig:
     nbest: int = 1
     lexicon: str | None = None  # word -> spelling file; None = lexicon-free
     lm: str | None = None  # KenLM binary/arpa; needs a lexicon
-    lm_weight: float = 2.0
-    word_score: float = 0.0
+    lm_weight: float = 0.5  # lexicon decoding only (tuned on the demo's dev set)
+    word_score: float = 1.0  # lexicon decoding only
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:

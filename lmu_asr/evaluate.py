@@ -29,6 +29,7 @@ from lmu_asr.checkpoint import CheckpointError, TrainState, latest_checkpoint, l
 from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
 from lmu_asr.decode import BeamConfig, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
+from lmu_asr.lm import build_lm
 from lmu_asr.text import decode as decode_ids
 from lmu_asr.text import gigaspeech_scoring
 
@@ -116,6 +117,40 @@ def evaluate_loader(
                  "alignment": alignment(ref, hyp)}
             )  # fmt: skip
     return totals, per_utt
+
+
+def final_evaluation(
+    cfg: Config, run_dir: Path, model: SpeechRecognizer, env: DistEnv, state, tracker, train_texts
+) -> dict:
+    """The best checkpoint on dev and test: greedy, and (trainer.final_lm) lexicon-constrained
+    beam search with a word bigram LM built from the training transcripts."""
+    if state.best_step >= 0 and state.best_step != state.step:
+        model.load_state_dict(
+            load_checkpoint(run_dir / "checkpoints" / f"step-{state.best_step:08d}")["model"]
+        )
+    decoders = {"greedy": ("greedy", None)}
+    if cfg.trainer.final_lm:
+        if env.is_main:
+            build_lm(train_texts, run_dir / "lm")
+        distributed.barrier()
+        lexicon, arpa = (str(run_dir / "lm" / name) for name in ("lexicon.txt", "words.arpa"))
+        decoders["lm"] = ("beam", BeamConfig(beam_size=32, lexicon=lexicon, lm=arpa))
+    results: dict = {"best_step": state.best_step}
+    rows = []
+    for split in ("dev", "test"):
+        loader = split_loader(cfg, split, env, train=False)[0]
+        for name, (kind, beam) in decoders.items():
+            totals, _ = evaluate_loader(model, loader, env, kind, beam)
+            suffix = "" if name == "greedy" else f"_{name}"
+            results |= {
+                f"{split}_cer{suffix}": totals["cer"],
+                f"{split}_wer{suffix}": totals["wer"],
+            }
+            rows.append((f"{split} {name}", totals))
+    if env.is_main:
+        print(format_table(rows), flush=True)
+    tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
+    return results
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:

@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from lmu_asr import distributed
 from lmu_asr.checkpoint import TrainState, load_latest, save_checkpoint
 from lmu_asr.data import Batch, SkipCounter
-from lmu_asr.evaluate import evaluate_loader, format_table, split_loader
+from lmu_asr.evaluate import evaluate_loader, final_evaluation, split_loader
 from lmu_asr.features import compute_stats
 from lmu_asr.model import SpeechRecognizer
 from lmu_asr.optim import build_optimizer, lr_at
 from lmu_asr.preemption import StopFlag
+from lmu_asr.progress import Progress
 from lmu_asr.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class TrainerConfig:
     patience: int = 0  # evaluations without dev improvement before stopping; 0 = never
     metric: str = "cer"  # dev metric for early stopping and the best checkpoint: cer | wer
     stats_utts: int = 300  # training utterances for the global feature mean/std
+    final_lm: bool = True  # final evaluation also with a word LM from the training transcripts
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batches_per_step", "log_every", "eval_every", "stats_utts"):
@@ -129,23 +131,26 @@ def train(cfg: Config, run_dir: Path) -> dict:
     skips = SkipCounter()
     stream = _batches(loader, sampler, state, skips)
     budget_s = tc.max_minutes * 60 or math.inf
-    status, window, t_mark = "finished", _Window(), time.monotonic()
+    progress = Progress(tc.max_steps, budget_s, env.world_size)
+    status, t_mark = "finished", time.monotonic()
     with tracker, StopFlag() as stop:
         while state.step < tc.max_steps:
             ddp.train()
             group = [next(stream) for _ in range(accum)]
-            progress = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
+            done = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
             for g in opt.param_groups:
-                g["lr"] = lr_at(cfg.optim, state.step, progress)
+                g["lr"] = lr_at(cfg.optim, state.step, done)
             loss, gnorm, ok = _step(ddp, group, opt, scaler, tc.grad_clip, precision, device, env)
             if not ok:
                 state.nonfinite_steps += 1
                 _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
             state.step += 1
-            window.add(loss, sum(b.wav_lens.sum().item() for b in group) / cfg.data.sample_rate)
+            progress.add(loss, sum(b.wav_lens.sum().item() for b in group) / cfg.data.sample_rate)
 
             if state.step % tc.log_every == 0:
-                _log_progress(tracker, state, tc, opt, window, gnorm, env, budget_s)
+                lr = opt.param_groups[0]["lr"]
+                metrics = progress.report(state.step, state.epoch, state.elapsed_s, lr, gnorm)
+                tracker.log(metrics, state.step)
             if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
                 _validate(cfg, model, dev_loader, env, state, tracker)
                 save()
@@ -170,7 +175,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
             tracker.close("KILLED")
             return {"status": status, "step": state.step}
 
-        results = _final_evaluation(cfg, run_dir, model, env, state, tracker)
+        texts = [u.text for u in loader.dataset.utts]
+        results = final_evaluation(cfg, run_dir, model, env, state, tracker, texts)
         results |= {"status": status, "steps": state.step, "train_minutes": state.elapsed_s / 60}
         results["nonfinite_steps"] = state.nonfinite_steps
         if env.is_main:
@@ -223,38 +229,6 @@ def _step(model, group: list[Batch], opt, scaler, clip: float, precision, device
     return (distributed.all_reduce_sum(total) / tokens).item(), gnorm.item(), ok
 
 
-class _Window:
-    """Loss and audio seconds since the last progress line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.losses: list[float] = []
-        self.audio_s, self.t0 = 0.0, time.monotonic()
-
-    def add(self, loss: float, audio_s: float) -> None:
-        self.losses.append(loss)
-        self.audio_s += audio_s
-
-
-def _log_progress(tracker, state, tc, opt, window: _Window, gnorm, env, budget_s) -> None:
-    finite = [x for x in window.losses if math.isfinite(x)]
-    loss = sum(finite) / max(len(finite), 1)
-    speed = window.audio_s * env.world_size / max(time.monotonic() - window.t0, 1e-9)
-    sec_per_step = (time.monotonic() - window.t0) / max(len(window.losses), 1)
-    eta = min((tc.max_steps - state.step) * sec_per_step, budget_s - state.elapsed_s)
-    lr = opt.param_groups[0]["lr"]
-    log.info(
-        "step %d/%d | loss %.3f | lr %.2e | grad %.2f | %.0f audio-s/s | eta %s",
-        *(state.step, tc.max_steps, loss, lr, gnorm, speed, _fmt_time(eta)),
-    )
-    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm}
-    metrics |= {"train/audio_s_per_s": speed, "train/epoch": state.epoch}
-    tracker.log(metrics, state.step)
-    window.reset()
-
-
 def _validate(cfg: Config, model, dev_loader, env, state: TrainState, tracker) -> None:
     totals, _ = evaluate_loader(model, dev_loader, env)
     value = totals[cfg.trainer.metric]
@@ -268,26 +242,6 @@ def _validate(cfg: Config, model, dev_loader, env, state: TrainState, tracker) -
         *(state.best_metric, state.best_step),
     )
     tracker.log({"dev/cer": totals["cer"], "dev/wer": totals["wer"]}, state.step)
-
-
-def _final_evaluation(cfg, run_dir, model, env, state, tracker) -> dict:
-    """Evaluate the best checkpoint on dev and test with greedy decoding."""
-    if state.best_step >= 0 and state.best_step != state.step:
-        ckpt = run_dir / "checkpoints" / f"step-{state.best_step:08d}"
-        if ckpt.is_dir():
-            from lmu_asr.checkpoint import load_checkpoint
-
-            model.load_state_dict(load_checkpoint(ckpt)["model"])
-    results: dict = {"best_step": state.best_step}
-    rows = []
-    for split in ("dev", "test"):
-        totals, _ = evaluate_loader(model, split_loader(cfg, split, env, train=False)[0], env)
-        results |= {f"{split}_cer": totals["cer"], f"{split}_wer": totals["wer"]}
-        rows.append((split, totals))
-    if env.is_main:
-        print(format_table(rows), flush=True)
-    tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
-    return results
 
 
 def _record_nonfinite(run_dir: Path, env, step: int, group, loss: float, gnorm: float) -> None:
@@ -345,10 +299,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(max(seconds, 0)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

@@ -67,6 +67,9 @@ def test_skip_counter_summary_lists_counts_and_first_ids():
     )
     counter.reset()
     assert counter.total == 0
+    # the same bad utterance in every epoch is counted each time but named once
+    counter.add([("a", "too long")] * 3 + [("b", "too long")])
+    assert counter.total == 4 and counter.first_ids == ["a", "b"]
 
 
 # --- sampler ---------------------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""The live progress line a person follows: step, loss, learning rate, speed and ETA."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+log = logging.getLogger("lmu_asr")
+
+
+class Progress:
+    """Training metrics since the last report. `report()` logs one line and returns the metrics
+    for the tracker."""
+
+    def __init__(self, max_steps: int, budget_s: float, world_size: int = 1):
+        self.max_steps, self.budget_s, self.world_size = max_steps, budget_s, world_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses: list[float] = []
+        self.audio_s, self.t0 = 0.0, time.monotonic()
+
+    def add(self, loss: float, audio_s: float) -> None:
+        self.losses.append(loss)
+        self.audio_s += audio_s
+
+    def report(self, step: int, epoch: int, elapsed_s: float, lr: float, gnorm: float) -> dict:
+        finite = [x for x in self.losses if math.isfinite(x)]
+        loss = sum(finite) / max(len(finite), 1)
+        seconds = max(time.monotonic() - self.t0, 1e-9)
+        speed = self.audio_s * self.world_size / seconds  # ranks see equal shares
+        eta = min((self.max_steps - step) * seconds / max(len(self.losses), 1),
+                  self.budget_s - elapsed_s)  # fmt: skip
+        log.info(
+            "step %d/%d | loss %.3f | lr %.2e | grad %.2f | %.0f audio-s/s | eta %s",
+            *(step, self.max_steps, loss, lr, gnorm, speed, format_duration(eta)),
+        )
+        self._reset()
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm} | {
+            "train/audio_s_per_s": speed,
+            "train/epoch": epoch,
+        }
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(max(seconds, 0)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
