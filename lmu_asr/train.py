@@ -166,6 +166,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
             halt, state.elapsed_s = distributed.max_over_ranks([stop.requested, elapsed], device)
             if halt or state.elapsed_s >= budget_s:
                 status = "stopped" if halt else "time_limit"
+                if not halt and state.step % tc.eval_every:  # the last steps may be the best
+                    _validate(cfg, model, dev_loader, env, state, tracker)
                 break
         save()
         if skips.total:
