@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmu_asr import distributed
 from lmu_asr.checkpoint import TrainState, load_latest, save_checkpoint
 from lmu_asr.data import Batch, SkipCounter
+from lmu_asr.distributed import DistEnv
 from lmu_asr.evaluate import evaluate_loader, final_evaluation, split_loader
 from lmu_asr.features import compute_stats
 from lmu_asr.model import SpeechRecognizer
@@ -128,8 +129,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         saved_step = state.step
         distributed.barrier()
 
-    skips = SkipCounter()
-    stream = _batches(loader, sampler, state, skips)
+    stream = _batches(loader, sampler, state)
     budget_s = tc.max_minutes * 60 or math.inf
     progress = Progress(tc.max_steps, budget_s, env.world_size)
     status, t_mark = "finished", time.monotonic()
@@ -140,7 +140,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             done = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg.optim, state.step, done)
-            loss, gnorm, ok = _step(ddp, group, opt, scaler, tc.grad_clip, precision, device, env)
+            loss, gnorm, ok = train_step(ddp, group, opt, scaler, tc.grad_clip, precision, env)
             if not ok:
                 state.nonfinite_steps += 1
                 _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
@@ -170,8 +170,6 @@ def train(cfg: Config, run_dir: Path) -> dict:
                     _validate(cfg, model, dev_loader, env, state, tracker)
                 break
         save()
-        if skips.total:
-            log.warning("skipped utterances in training: %s", skips.summary())
         if status == "stopped":
             log.info("stopped at step %d; run the same command again to resume", state.step)
             tracker.close("KILLED")
@@ -187,8 +185,10 @@ def train(cfg: Config, run_dir: Path) -> dict:
     return results
 
 
-def _batches(loader, sampler, state: TrainState, skips: SkipCounter) -> Iterator[Batch]:
-    """Endless stream of non-empty training batches; keeps state.epoch/batch_in_epoch exact."""
+def _batches(loader, sampler, state: TrainState) -> Iterator[Batch]:
+    """Endless stream of non-empty training batches; keeps state.epoch/batch_in_epoch exact and
+    logs the utterances skipped as bad input at the end of each epoch."""
+    skips = SkipCounter()
     while True:
         sampler.set_epoch(state.epoch, skip=state.batch_in_epoch)
         for batch in loader:
@@ -196,13 +196,17 @@ def _batches(loader, sampler, state: TrainState, skips: SkipCounter) -> Iterator
             skips.add(batch)
             if len(batch.ids):
                 yield batch
+        if skips.total:
+            log.warning("epoch %d: %s", state.epoch, skips.summary())
+            skips.reset()
         state.epoch += 1
         state.batch_in_epoch = 0
 
 
-def _step(model, group: list[Batch], opt, scaler, clip: float, precision, device, env):
+def train_step(model, group: list[Batch], opt, scaler, clip: float, precision, env: DistEnv):
     """One optimizer step over the micro-batches of `group`. Returns (loss per token, gradient
     norm, whether loss and gradient were finite on every rank); a non-finite step is skipped."""
+    device = next(model.parameters()).device
     n_tokens = sum(b.token_lens.sum().item() for b in group)
     tokens = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=device))
     scale = env.world_size / tokens.clamp(min=1)  # DDP averages gradients over ranks: undo it
