@@ -25,9 +25,13 @@ stamp=.venv/.lmu_asr-installed
 want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv/ (a few minutes the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]" 2>&1 \
-    | grep -v "is ignored" || true
+  log=.venv/pip-install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -c scripts/constraints.txt -e ".[dev]"; } >"$log" 2>&1; then
+    tail -n 40 "$log"
+    echo "setup: pip install failed; the whole log is in $log" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import torch, torchaudio, lmu_asr" # fail loudly if the install is broken
   echo "$want" > "$stamp"
 fi
