@@ -154,10 +154,11 @@ def final_evaluation(
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"{'split':<8}{'utts':>7}{'words':>8}{'WER':>9}{'CER':>9}"]
+    w = max([len(name) for name, _ in rows] + [5]) + 2
+    lines = [f"{'split':<{w}}{'utts':>7}{'words':>8}{'WER':>9}{'CER':>9}"]
     for name, t in rows:
         lines.append(
-            f"{name:<8}{t['utterances']:>7}{t['words']:>8}{t['wer']:>9.2%}{t['cer']:>9.2%}"
+            f"{name:<{w}}{t['utterances']:>7}{t['words']:>8}{t['wer']:>9.2%}{t['cer']:>9.2%}"
         )
     return "\n".join(lines)
 
