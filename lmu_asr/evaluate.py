@@ -236,8 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"report: {report}")
 
 
-if __name__ == "__main__":
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a command-line entry point: expected errors (bad value, missing or broken file or
+    checkpoint) print one line naming the problem instead of a traceback."""
     try:
         main()
     except (ValueError, OSError, CheckpointError) as err:
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -71,11 +71,6 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
-    def architecture(self) -> dict:
-        """The fields that change the parameters' shapes or meaning (checked on resume)."""
-        runtime_only = {"name", "dropout", "activation_checkpointing"}
-        return {k: v for k, v in vars(self).items() if k not in runtime_only}
-
 
 def padding_mask(lengths: Tensor, T: int) -> Tensor:
     """(B,) lengths -> (B, T) bool, True on padded frames."""

@@ -132,9 +132,10 @@ def train(cfg: Config, run_dir: Path) -> dict:
     stream = _batches(loader, sampler, state)
     budget_s = tc.max_minutes * 60 or math.inf
     progress = Progress(tc.max_steps, budget_s, env.world_size)
-    status, t_mark = "finished", time.monotonic()
+    status = "time_limit" if state.elapsed_s >= budget_s else "finished"
+    t_mark = time.monotonic()
     with tracker, StopFlag() as stop:
-        while state.step < tc.max_steps:
+        while state.step < tc.max_steps and status == "finished":
             ddp.train()
             group = [next(stream) for _ in range(accum)]
             done = max(state.step / tc.max_steps, state.elapsed_s / budget_s)

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmu_asr.checkpoint import CheckpointError
 from lmu_asr.decode import make_decoder
-from lmu_asr.evaluate import beam_config, load_model, resolve_checkpoint
+from lmu_asr.evaluate import beam_config, load_model, resolve_checkpoint, run_cli
 from lmu_asr.speech_dataset import read_audio
 
 USAGE = "usage: python -m lmu_asr.transcribe checkpoint=PATH audio=[a.wav,b.flac] [decoder=beam]"
@@ -49,7 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)
