@@ -156,18 +156,23 @@ class BucketBatchSampler:
 def make_loader(
     dataset: Dataset, sampler: BucketBatchSampler, num_workers: int, pin_memory: bool | None = None
 ) -> DataLoader:
-    """DataLoader over `sampler`'s batches; workers are not persistent, so each epoch's iterator
-    sees the sampler's current epoch and skip."""
+    """DataLoader over `sampler`'s batches. Workers are started once (persistent; the batch
+    sampler itself runs in this process, so each epoch still sees its epoch and skip) from a
+    fork server rather than forked from the trainer: a fork of a multi-GB training process makes
+    every page the trainer then writes a copy-on-write fault, which slowed each epoch's start."""
+    workers = {}
+    if num_workers:
+        workers = {"persistent_workers": True, "multiprocessing_context": "forkserver"}
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=False,
         # its own generator: creating an iterator must not draw from the global RNG, or a run
         # resumed mid-epoch would see different dropout/SpecAugment draws than a straight one
         generator=torch.Generator(),
+        **workers,
     )
 
 
