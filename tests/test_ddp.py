@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow
 SAME = [*SMALL, "model.dropout=0", "features.freq_masks=0", "features.time_masks=0"]
 SAME += ["tracking=off", "trainer.max_steps=4", "trainer.eval_every=4"]
 SAME += ["trainer.batches_per_step=2", "trainer.final_lm=false", "optim.warmup_steps=1"]
+# a large Adam eps: updates of near-zero gradients stay near zero instead of ~lr * sign(g), so
+# rounding differences between the two set-ups cannot flip them into full-size differences
+SAME += ["optim.eps=1e-3"]
 
 
 def free_port() -> int:
