@@ -81,9 +81,10 @@ class BeamSearchDecoder:
         return [ids_to_text(h[0].tokens.tolist()) if h else "" for h in hyps]
 
 
-def make_decoder(
-    kind: str, beam: BeamConfig | None = None
-) -> Callable[[Tensor, Tensor], list[str]]:
+Decoder = Callable[[Tensor, Tensor], list[str]]  # (log-probs (B, T, V), lengths (B,)) -> texts
+
+
+def make_decoder(kind: str, beam: BeamConfig | None = None) -> Decoder:
     if kind == "greedy":
         return greedy_decode
     if kind == "beam":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lmu_asr import distributed
 from lmu_asr.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint
 from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
-from lmu_asr.decode import BeamConfig, alignment, error_rates, make_decoder
+from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
 from lmu_asr.lm import build_lm
 from lmu_asr.text import decode as decode_ids
@@ -66,7 +66,6 @@ def split_loader(
     return make_loader(dataset, sampler, cfg.data.num_workers), sampler
 
 
-@torch.no_grad()
 def evaluate_loader(
     model: SpeechRecognizer,
     loader: DataLoader,
@@ -79,12 +78,26 @@ def evaluate_loader(
     """Decode every utterance of `loader` (all ranks share the work) -> (totals, per utterance).
 
     Totals are complete on every rank; per-utterance rows only on rank 0."""
-    decode = make_decoder(decoder, beam)
+    decoders = {decoder: make_decoder(decoder, beam)}
+    return evaluate_decoders(model, loader, env, decoders, scoring, progress)[decoder]
+
+
+@torch.no_grad()
+def evaluate_decoders(
+    model: SpeechRecognizer,
+    loader: DataLoader,
+    env: DistEnv,
+    decoders: Mapping[str, Decoder],
+    scoring: str = "plain",
+    progress: bool = False,
+) -> dict[str, tuple[dict, list[dict]]]:
+    """Like evaluate_loader, for several decoders over one forward pass: name -> results."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loader.batch_sampler.set_epoch(0)
-    rows: dict[str, tuple[str, str]] = {}
+    refs: dict[str, str] = {}
+    hyps: dict[str, dict[str, str]] = {name: {} for name in decoders}
     skipped = 0
     for batch in tqdm(loader, desc="decoding", disable=not (progress and env.is_main)):
         skipped += len(batch.skipped)
@@ -92,24 +105,34 @@ def evaluate_loader(
             continue
         batch = batch.to(device)
         log_probs, out_lens = model(batch.wav, batch.wav_lens)
-        hyps = decode(log_probs, out_lens)
-        refs = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
-        rows |= {uid: (ref, hyp) for uid, ref, hyp in zip(batch.ids, refs, hyps, strict=True)}
+        texts = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
+        refs |= dict(zip(batch.ids, texts, strict=True))
+        for name, decode in decoders.items():
+            hyps[name] |= dict(zip(batch.ids, decode(log_probs, out_lens), strict=True))
     model.train(was_training)
     if dist.is_initialized():  # shards may repeat an utterance to even out: dedupe by id
         gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, (rows, skipped))
-        rows = {k: v for r, _ in gathered for k, v in r.items()}
-        skipped = sum(s for _, s in gathered)
-    ids = sorted(rows)
-    transform = SCORING[scoring]
-    totals = error_rates([rows[i][0] for i in ids], [rows[i][1] for i in ids], transform)
+        dist.all_gather_object(gathered, (refs, hyps, skipped))
+        refs = {k: v for r, _, _ in gathered for k, v in r.items()}
+        hyps = {name: {k: v for _, h, _ in gathered for k, v in h[name].items()} for name in hyps}
+        skipped = sum(s for _, _, s in gathered)
+    return {
+        name: _score(refs, hyps[name], SCORING[scoring], skipped, env.is_main) for name in decoders
+    }
+
+
+def _score(
+    refs: dict[str, str], hyps: dict[str, str], transform, skipped: int, rows: bool
+) -> tuple[dict, list[dict]]:
+    """(totals, per-utterance rows if `rows`) of hypotheses against references, by id."""
+    ids = sorted(refs)
+    totals = error_rates([refs[i] for i in ids], [hyps[i] for i in ids], transform)
     totals |= {"utterances": len(ids), "skipped": skipped}
     per_utt = []
-    if env.is_main:
+    if rows:
         t = transform or (lambda s: s)
         for i in ids:
-            ref, hyp = t(rows[i][0]), t(rows[i][1])
+            ref, hyp = t(refs[i]), t(hyps[i])
             e = error_rates([ref], [hyp])
             per_utt.append(
                 {"id": i, "ref": ref, "hyp": hyp, "word_errors": e["word_errors"],
@@ -128,19 +151,18 @@ def final_evaluation(
         model.load_state_dict(
             load_checkpoint(run_dir / "checkpoints" / f"step-{state.best_step:08d}")["model"]
         )
-    decoders = {"greedy": ("greedy", None)}
+    decoders = {"greedy": make_decoder("greedy")}
     if cfg.trainer.final_lm:
         if env.is_main:
             build_lm(train_texts, run_dir / "lm")
         distributed.barrier()
         lexicon, arpa = (str(run_dir / "lm" / name) for name in ("lexicon.txt", "words.arpa"))
-        decoders["lm"] = ("beam", BeamConfig(beam_size=32, lexicon=lexicon, lm=arpa))
+        decoders["lm"] = make_decoder("beam", BeamConfig(beam_size=32, lexicon=lexicon, lm=arpa))
     results: dict = {"best_step": state.best_step}
     rows = []
     for split in ("dev", "test"):
         loader = split_loader(cfg, split, env, train=False)[0]
-        for name, (kind, beam) in decoders.items():
-            totals, _ = evaluate_loader(model, loader, env, kind, beam)
+        for name, (totals, _) in evaluate_decoders(model, loader, env, decoders).items():
             suffix = "" if name == "greedy" else f"_{name}"
             results |= {
                 f"{split}_cer{suffix}": totals["cer"],
