@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lmu_asr import distributed
 from lmu_asr.config import CONF_DIR, Config, register, to_config
-from lmu_asr.distributed import env_from_environ
 from lmu_asr.train import train
 
 register()
@@ -23,10 +23,13 @@ log = logging.getLogger("lmu_asr")
 def main(cfg: DictConfig) -> dict:
     config = to_config(cfg)  # validates every group before any work starts
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if env_from_environ().rank != 0:  # one progress log per job: other ranks only warn
+    if distributed.env_from_environ().rank != 0:  # one progress log per job: other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("run directory: %s", run_dir)
-    return train(config, run_dir)
+    try:
+        return train(config, run_dir)
+    finally:
+        distributed.destroy()  # a process group train() joined
 
 
 def compose_config(overrides: list[str]) -> Config:
