@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lmu_asr import distributed
 from lmu_asr.checkpoint import CheckpointConfig
 from lmu_asr.data import DataConfig
 from lmu_asr.features import FeatureConfig
@@ -37,11 +38,23 @@ class Config:
 
 
 def register() -> None:
-    """Schema for conf/config.yaml, plus every sweeps/<name>.yaml as the `sweep` group."""
+    """Schema for conf/config.yaml, every sweeps/<name>.yaml as the `sweep` group, and the
+    resolvers conf/config.yaml uses so that only rank 0 writes `.hydra/` and `train.log`."""
+    OmegaConf.register_new_resolver("lmu.rank_suffix", _rank_suffix, replace=True)
+    OmegaConf.register_new_resolver("lmu.rank0_only", _rank0_only, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for path in sorted(SWEEPS_DIR.glob("*.yaml")):
         cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _rank_suffix() -> str:
+    rank = distributed.env_from_environ().rank
+    return f"-rank{rank}" if rank else ""
+
+
+def _rank0_only(value: Any) -> Any:
+    return None if distributed.env_from_environ().rank else value
 
 
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:

@@ -187,6 +187,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LMU_ASR_CACHE", Path.home() / ".cache" / "lmu_asr"))
 
 
+def corpus_dir(
+    n_train: int,
+    n_dev: int,
+    n_test: int,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    engines: Sequence[str] | None = None,
+) -> tuple[Path, dict]:
+    """Where build_corpus keeps this corpus (it exists once built), and what its key hashes."""
+    engines = sorted(set(engines or DEFAULT_ENGINES))
+    for engine in engines:
+        if engine not in TRAINING_VOICES:
+            raise ValueError(f"engines: unknown engine {engine!r} (known: {list(TRAINING_VOICES)})")
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    for split, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"n_{split} must be >= 0, got {n}")
+    key_fields = dict(version=CORPUS_VERSION, seed=seed, engines=engines, **sizes)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"corpus-{key}", key_fields
+
+
 def build_corpus(
     n_train: int = 2000,
     n_dev: int = 200,
@@ -202,18 +225,9 @@ def build_corpus(
     The cache key hashes every argument that changes the output (not `jobs` or `progress`).
     Concurrent callers (DDP ranks, array jobs) wait on a file lock; one of them builds.
     """
-    engines = sorted(set(engines or DEFAULT_ENGINES))
-    for engine in engines:
-        if engine not in TRAINING_VOICES:
-            raise ValueError(f"engines: unknown engine {engine!r} (known: {list(TRAINING_VOICES)})")
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    for split, n in sizes.items():
-        if n < 0:
-            raise ValueError(f"n_{split} must be >= 0, got {n}")
-    key_fields = dict(version=CORPUS_VERSION, seed=seed, engines=engines, **sizes)
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / f"corpus-{key}"
+    final, key_fields = corpus_dir(n_train, n_dev, n_test, seed, cache_dir, engines)
+    engines, sizes = key_fields["engines"], {s: key_fields[s] for s in SPLITS}
+    cache, key = final.parent, final.name.removeprefix("corpus-")
     paths = {split: final / f"{split}.jsonl" for split in SPLITS}
     if final.is_dir():
         return paths

@@ -1,11 +1,13 @@
 """Who am I in the job: one small DistEnv read from the environment, and the few collectives the
-trainer needs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under SLURM (srun, submitit)
-we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; otherwise it is one process."""
+trainer needs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; in an srun step (submitit's
+tasks, slurm/train.sbatch) we read SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and rendezvous at
+the step's first node on a port derived from the job id; otherwise it is one process."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,8 +32,8 @@ class DistEnv:
         return self.world_size > 1
 
 
-def env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
-    e = dict(os.environ if environ is None else environ)
+def env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
+    e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:  # torchrun, or set by hand
         return DistEnv(
             rank=int(e["RANK"]),
@@ -40,20 +42,30 @@ def env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(e.get("MASTER_PORT", 29500)),
         )
-    if int(e.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in e:
-        job = int(e.get("SLURM_JOB_ID", "0"))
+    # Inside an srun step (submitit's tasks, slurm/train.sbatch). The batch script itself has no
+    # SLURM_STEP_NUM_TASKS: python started there directly is one process, whatever --ntasks says.
+    if int(e.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         return DistEnv(
             rank=int(e["SLURM_PROCID"]),
             local_rank=int(e.get("SLURM_LOCALID", 0)),
-            world_size=int(e["SLURM_NTASKS"]),
-            master_addr=e.get("MASTER_ADDR") or _first_slurm_host(e["SLURM_JOB_NODELIST"]),
-            # one port per job, so two jobs sharing a node do not collide
-            master_port=int(e.get("MASTER_PORT", 20000 + job % 20000)),
+            world_size=int(e["SLURM_STEP_NUM_TASKS"]),
+            master_addr=e.get("MASTER_ADDR") or _slurm_master(e),
+            master_port=int(e.get("MASTER_PORT") or slurm_port(int(e.get("SLURM_JOB_ID", 0)))),
         )
     return DistEnv()
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: jobs sharing a node differ in job id, hence in port
+    (unless their ids are 20,000 apart), and the range stays below Linux's ephemeral ports."""
+    return 10000 + job_id % 20000
+
+
+def _slurm_master(e: Mapping[str, str]) -> str:
+    """The step's first host; loopback when the step runs on one node (no name to resolve)."""
+    if int(e.get("SLURM_STEP_NUM_NODES", "1")) == 1:
+        return "127.0.0.1"
+    nodelist = e["SLURM_STEP_NODELIST"]
     out = subprocess.run(
         ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
     )

@@ -23,7 +23,7 @@ log = logging.getLogger("lmu_asr")
 def main(cfg: DictConfig) -> dict:
     config = to_config(cfg)  # validates every group before any work starts
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if distributed.env_from_environ().rank != 0:  # one progress log per job: other ranks only warn
+    if distributed.env_from_environ().rank != 0:  # one progress log per job: others only warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("run directory: %s", run_dir)
     try:

@@ -141,7 +141,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
             done = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg.optim, state.step, done)
-            loss, gnorm, ok = train_step(ddp, group, opt, scaler, tc.grad_clip, precision, env)
+            seeds = [micro_batch_seed(tc.seed, state.step, i * env.world_size + env.rank)
+                     for i in range(accum)]  # fmt: skip
+            loss, gnorm, ok = train_step(
+                ddp, group, opt, scaler, tc.grad_clip, precision, env, seeds
+            )
             if not ok:
                 state.nonfinite_steps += 1
                 _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
@@ -204,9 +208,20 @@ def _batches(loader, sampler, state: TrainState) -> Iterator[Batch]:
         state.batch_in_epoch = 0
 
 
-def train_step(model, group: list[Batch], opt, scaler, clip: float, precision, env: DistEnv):
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the random draws (dropout, SpecAugment) for global micro-batch `index` of
+    optimizer step `step`. Rank r's i-th micro-batch is global index i * world_size + r, which is
+    the batch one process would take at that position, so the draws do not depend on the world
+    size, and a resumed job needs no RNG state to continue them."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+
+
+def train_step(
+    model, group: list[Batch], opt, scaler, clip: float, precision, env: DistEnv, seeds=None
+):
     """One optimizer step over the micro-batches of `group`. Returns (loss per token, gradient
-    norm, whether loss and gradient were finite on every rank); a non-finite step is skipped."""
+    norm, whether loss and gradient were finite on every rank); a non-finite step is skipped.
+    `seeds` (one per micro-batch) reseed torch's RNG before each forward pass."""
     device = next(model.parameters()).device
     n_tokens = sum(b.token_lens.sum().item() for b in group)
     tokens = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=device))
@@ -214,6 +229,8 @@ def train_step(model, group: list[Batch], opt, scaler, clip: float, precision, e
     total = torch.zeros((), device=device)
     for i, batch in enumerate(group):
         batch = batch.to(device)
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
         last = i == len(group) - 1
         no_sync = isinstance(model, DistributedDataParallel) and not last
         with model.no_sync() if no_sync else contextlib.nullcontext():

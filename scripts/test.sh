@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lmu_asr tests
-.venv/bin/ruff format --check lmu_asr tests
+.venv/bin/ruff check lmu_asr hydra_plugins tests
+.venv/bin/ruff format --check lmu_asr hydra_plugins tests
 exec .venv/bin/python -m pytest "$@"

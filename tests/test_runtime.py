@@ -6,15 +6,16 @@ import signal
 import pytest
 import torch
 
-from lmu_asr.distributed import DistEnv, env_from_environ, set_threads
+from lmu_asr.distributed import DistEnv, env_from_environ, set_threads, slurm_port
 from lmu_asr.optim import OptimConfig, build_optimizer, lr_at
 from lmu_asr.preemption import StopFlag
 
 
 def test_single_process_by_default():
     assert env_from_environ({}) == DistEnv()
-    # a one-task SLURM job is one process too
-    assert env_from_environ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == DistEnv()
+    # a one-task step is one process, and so is python started in a batch script with --ntasks=4
+    assert env_from_environ({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) == DistEnv()
+    assert env_from_environ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == DistEnv()
 
 
 def test_torchrun_environment():
@@ -25,12 +26,19 @@ def test_torchrun_environment():
     assert not env.is_main and env.distributed
 
 
-def test_slurm_environment_gets_a_per_job_port():
-    e = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "n1"}
+def test_srun_step_on_one_node_meets_on_loopback_at_a_per_job_port():
+    e = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_PROCID": "1"}
+    e |= {"SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu-a17"}
     a = env_from_environ(e | {"SLURM_JOB_ID": "101"})
     b = env_from_environ(e | {"SLURM_JOB_ID": "102"})
-    assert (a.rank, a.world_size, a.master_addr) == (1, 2, "n1")
+    assert a == DistEnv(rank=1, local_rank=1, world_size=2, master_addr="127.0.0.1",
+                        master_port=slurm_port(101))  # fmt: skip
     assert a.master_port != b.master_port
+    # below the ephemeral range (32768+), where outgoing connections would take the port
+    assert all(10000 <= slurm_port(j) < 32768 for j in (0, 19999, 20000, 123456789))
+    # set by hand, MASTER_ADDR and MASTER_PORT win
+    c = env_from_environ(e | {"MASTER_ADDR": "n7", "MASTER_PORT": "4242"})
+    assert (c.master_addr, c.master_port) == ("n7", 4242)
 
 
 def test_threads_from_slurm(monkeypatch):
