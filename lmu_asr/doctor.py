@@ -69,7 +69,10 @@ def check_slurm() -> Iterator[Check]:
         total_idle = parts.setdefault(name, [0, 0])
         total_idle[0] += int(count)
         total_idle[1] += int(count) if state == "idle" and avail == "up" else 0
-    summary = ", ".join(f"{p} ({idle}/{n} nodes idle)" for p, (n, idle) in parts.items())
+    summary = ", ".join(
+        f"{p.rstrip('*')} ({'default, ' if p.endswith('*') else ''}{idle}/{n} nodes idle)"
+        for p, (n, idle) in parts.items()
+    )
     yield "ok", "slurm", f"controller up; partitions: {summary or 'none'}"
     acct = _run("sacct", "--noheader", "--allocations", "--starttime=now", "--format=JobID")
     if acct.returncode != 0:

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 # TTS engines and sox for the built-in corpus (see shared notes/tts-corpus.md).
 APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
+# A real local SLURM cluster with accounting for tests and demos (slurm/dev-cluster.sh).
+APT_PACKAGES+=" slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux"
 APT_PACKAGES+=" ${LMU_ASR_EXTRA_APT:-}"
 
 missing=()

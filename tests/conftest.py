@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.cluster import slurm_cluster, slurm_cluster_2nodes  # noqa: F401
+
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 220.0) -> np.ndarray:
     """A quiet sine with a little noise, (samples,) or (samples, channels) float32."""
