@@ -11,21 +11,21 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import re
 import shutil
 import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lmu_asr.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -45,79 +45,17 @@ class CheckpointError(RuntimeError):
 @dataclass
 class CheckpointConfig:
     every_steps: int = 200
+    every_minutes: float = 10.0  # also save after this much training time; 0 = by steps only
     keep_last: int = 2
     keep_best: bool = True
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.every_minutes < 0:
+            raise ValueError(f"checkpoint.every_minutes must be >= 0, got {self.every_minutes}")
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_metric: float = math.inf
-    best_step: int = -1
-    bad_evals: int = 0  # evaluations without improvement (early stopping)
-    nonfinite_steps: int = 0
-    elapsed_s: float = 0.0
-    run_id: str | None = None  # MLflow run id, so a requeued job continues the same run
-    rng: dict = field(default_factory=dict)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        if unknown := set(d) - {f.name for f in fields(self)}:
-            raise KeyError(f"TrainState.load_state_dict: unknown keys {sorted(unknown)}")
-        for k, v in d.items():
-            setattr(self, k, v)
-
-    def capture_rng(self) -> None:
-        """Store python, numpy (legacy global), torch CPU and all CUDA generator states."""
-        version, mt, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        self.rng = {
-            "python": {"version": version, "state": torch.tensor(mt), "gauss": gauss},
-            "numpy": {
-                "name": name,
-                "keys": torch.from_numpy(keys.astype(np.int64)),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "cached_gaussian": float(cached),
-            },
-            "torch": torch.get_rng_state(),
-            # only if this process uses CUDA: do not create contexts just to read RNG states
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        }
-
-    def restore_rng(self) -> None:
-        if not self.rng:
-            raise ValueError("TrainState.restore_rng: no RNG state captured")
-        p, n = self.rng["python"], self.rng["numpy"]
-        random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-        torch.set_rng_state(_cpu_bytes(self.rng["torch"]))
-        cuda = self.rng.get("cuda") or []
-        if cuda and torch.cuda.is_available():
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([_cpu_bytes(s) for s in cuda])
-            else:
-                log.warning(
-                    "CUDA RNG not restored: %d states saved, %d devices visible",
-                    len(cuda),
-                    torch.cuda.device_count(),
-                )
-
-
-def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    # set_rng_state needs a CPU ByteTensor, whatever map_location the checkpoint was loaded with
-    return t.to("cpu", torch.uint8)
 
 
 def _check_weights_only(obj: Any, where: str) -> None:
@@ -332,3 +270,29 @@ def load_latest(run_dir: Path, map_location: Any = "cpu") -> tuple[Path, dict[st
     if done:
         raise CheckpointError(f"no checkpoint in {run_dir} loads: " + "; ".join(errors))
     return None
+
+
+def model_config(cfg: Config) -> dict:
+    """What a checkpoint needs to rebuild its model (evaluate, transcribe, resume checks)."""
+    return {"model": asdict(cfg.model), "features": asdict(cfg.features)} | {
+        "sample_rate": cfg.data.sample_rate
+    }
+
+
+def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume into a different model; runtime-only settings may change."""
+    runtime = {"name", "dropout", "activation_checkpointing"}  # model fields that may change
+    runtime |= {"freq_masks", "freq_width", "time_masks", "time_width"}  # SpecAugment
+    now = model_config(cfg)
+    diff = {
+        f"{group}.{k}": (saved[group].get(k), v)
+        for group in ("model", "features")
+        for k, v in now[group].items()
+        if k not in runtime and saved[group].get(k) != v
+    }
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} != config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"refusing to resume from {path}: the model architecture differs ({details}). "
+            "Use a new run directory (hydra.run.dir=...) or the checkpoint's settings."
+        )

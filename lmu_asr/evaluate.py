@@ -25,11 +25,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lmu_asr import distributed
-from lmu_asr.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint
+from lmu_asr.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
 from lmu_asr.lm import build_lm
+from lmu_asr.state import TrainState
 from lmu_asr.text import decode as decode_ids
 from lmu_asr.text import gigaspeech_scoring
 

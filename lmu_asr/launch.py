@@ -4,6 +4,7 @@ overrides); `python -m lmu_asr.launch -m sweep=NAME` runs a sweep (Hydra multiru
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from lmu_asr import distributed
 from lmu_asr.config import CONF_DIR, Config, register, to_config
+from lmu_asr.preemption import Lifecycle, StopFlag, after_stop, parse_signal
 from lmu_asr.train import train
 
 register()
@@ -23,13 +25,23 @@ log = logging.getLogger("lmu_asr")
 def main(cfg: DictConfig) -> dict:
     config = to_config(cfg)  # validates every group before any work starts
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if distributed.env_from_environ().rank != 0:  # one progress log per job: others only warn
+    env = distributed.env_from_environ()
+    if env.rank != 0:  # one progress log per job: the other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("run directory: %s", run_dir)
-    try:
-        return train(config, run_dir)
-    finally:
-        distributed.destroy()  # a process group train() joined
+    signals = (signal.SIGINT, signal.SIGTERM, parse_signal(config.trainer.stop_signal))
+    with StopFlag(signals) as stop:  # replaces submitit's USR2 handler: the loop stays in charge
+        try:
+            results = train(config, run_dir, stop)
+        except Exception as err:  # a bug or bad input: the job fails, visibly, and stays failed
+            error = f"rank {env.rank}: {type(err).__name__}: {err}"  # from the rank that failed
+            Lifecycle(run_dir, is_main=True).stopped("failed", None, error)
+            distributed.destroy(synchronize=False)
+            raise
+        distributed.destroy()  # the process group train() joined
+        if results["status"] == "stopped":
+            after_stop(results["reason"], config.trainer.max_restarts, stop, env.is_main)
+    return results
 
 
 def compose_config(overrides: list[str]) -> Config:

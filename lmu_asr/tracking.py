@@ -77,16 +77,30 @@ def _finite_or_none(x: float) -> float | None:
 
 
 class JsonlSink:
-    """Appends flushed `{"step", "time", **metrics}` lines; non-finite values become null."""
+    """Appends flushed `{"step", "time", **metrics}` lines; non-finite values become null.
+
+    Every (metric, step) is written once: a job resumed from a checkpoint older than its last
+    logged steps (after a kill without warning) does not write those steps again."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.logged: dict[str, int] = {}  # metric -> the last step it was written at
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # the half line of a killed job
+                    row = json.loads(line)
+                    for k in row.keys() - {"step", "time"}:
+                        self.logged[k] = max(self.logged.get(k, -1), row["step"])
         self._f = open(self.path, "a+b")  # noqa: SIM115 (kept open for the whole run)
         if self._f.tell() > 0:  # a killed job may have left half a line: start a new one
             self._f.seek(-1, os.SEEK_END)
             if self._f.read(1) != b"\n":
                 self._f.write(b"\n")
+
+    def new(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        """The metrics not yet logged at `step` (all of them, unless this step is a replay)."""
+        return {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         row: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3)}
@@ -95,6 +109,7 @@ class JsonlSink:
         row.update({k: _finite_or_none(v) for k, v in metrics.items()})
         self._f.write((json.dumps(row, allow_nan=False) + "\n").encode())
         self._f.flush()
+        self.logged |= dict.fromkeys(metrics, int(step))
 
     def close(self) -> None:
         self._f.close()
@@ -314,8 +329,11 @@ class Tracker:
         return self.mlflow.run_id if self.mlflow else self._run_id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.jsonl:
-            self.jsonl.log(metrics, step)
+        """Log to both sinks, leaving out what metrics.jsonl already holds for this step (the
+        steps a resumed job replays), so MLflow and metrics.jsonl keep every step once."""
+        if not self.jsonl or not (metrics := self.jsonl.new(metrics, step)):
+            return
+        self.jsonl.log(metrics, step)
         if self.mlflow:
             self.mlflow.log(metrics, step)
 

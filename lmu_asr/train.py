@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lmu_asr import distributed
-from lmu_asr.checkpoint import TrainState, load_latest, save_checkpoint
+from lmu_asr.checkpoint import check_architecture, load_latest, model_config, save_checkpoint
 from lmu_asr.data import Batch, SkipCounter
 from lmu_asr.distributed import DistEnv
 from lmu_asr.evaluate import evaluate_loader, final_evaluation, split_loader
 from lmu_asr.features import compute_stats
 from lmu_asr.model import SpeechRecognizer
 from lmu_asr.optim import build_optimizer, lr_at
-from lmu_asr.preemption import StopFlag
+from lmu_asr.preemption import Lifecycle, StopFlag, parse_signal, stop_reason
 from lmu_asr.progress import Progress
+from lmu_asr.state import TrainState
 from lmu_asr.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -59,12 +60,14 @@ class TrainerConfig:
     metric: str = "cer"  # dev metric for early stopping and the best checkpoint: cer | wer
     stats_utts: int = 300  # training utterances for the global feature mean/std
     final_lm: bool = True  # final evaluation also with a word LM from the training transcripts
+    stop_signal: str = "USR2"  # SLURM's time-limit / preemption warning (--signal; submitit's)
+    max_restarts: int = 10  # requeues after a time limit or preemption before giving up
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batches_per_step", "log_every", "eval_every", "stats_utts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_minutes", "grad_clip", "patience", "threads"):
+        for name in ("max_minutes", "grad_clip", "patience", "threads", "max_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         choices = {
@@ -76,17 +79,23 @@ class TrainerConfig:
             if getattr(self, name) not in allowed:
                 value = getattr(self, name)
                 raise ValueError(f"trainer.{name} must be one of {allowed}, got {value!r}")
+        try:
+            parse_signal(self.stop_signal)
+        except ValueError as err:
+            raise ValueError(f"trainer.stop_signal: {err}") from None
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
-    """Train in `run_dir`, resuming from its newest complete checkpoint; returns the results."""
+def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
+    """Train in `run_dir`, resuming from its newest complete checkpoint; returns the results.
+    `stop` is polled after every step; on a stop request rank 0 saves and the reason is returned
+    (the caller requeues the job after a time limit or preemption: preemption.after_stop)."""
     tc = cfg.trainer
     env = distributed.env_from_environ()
     device = distributed.pick_device(tc.device, env)
     distributed.set_threads(tc.threads)
     distributed.init(env, device)
     _seed_everything(tc.seed)
-    precision = pick_precision(tc.precision, device)
+    precision = distributed.pick_precision(tc.precision, device)
     if tc.batches_per_step % env.world_size:
         raise ValueError(
             f"trainer.batches_per_step ({tc.batches_per_step}) must be a multiple of the "
@@ -102,11 +111,12 @@ def train(cfg: Config, run_dir: Path) -> dict:
     state = TrainState()
     if found := load_latest(run_dir):
         path, ckpt = found
-        _check_architecture(ckpt["config"], cfg, path)
+        check_architecture(ckpt["config"], cfg, path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state.load_state_dict(ckpt["train_state"])
+        state.take_position(env.rank, env.world_size)
         state.restore_rng()
         log.info("resumed from %s (step %d, epoch %d)", path, state.step, state.epoch)
     elif cfg.features.normalize == "global":
@@ -116,25 +126,29 @@ def train(cfg: Config, run_dir: Path) -> dict:
     ddp = DistributedDataParallel(model) if env.distributed else model
     saved_step = state.step if found else -1
     tracker = Tracker(cfg.tracking, run_dir, env.rank, params=asdict(cfg), run_id=state.run_id)
+    lifecycle = Lifecycle(run_dir, env.is_main)
+    lifecycle.started(state.step)
 
     def save() -> None:
-        nonlocal saved_step
+        nonlocal saved_step, saved_at
+        state.rank_positions = distributed.gather_ints([state.epoch, state.batch_in_epoch], device)
         if env.is_main and saved_step != state.step:
             state.run_id = tracker.run_id  # late if MLflow was down at the start
             state.capture_rng()
             items = {"model": model, "optimizer": opt, "scaler": scaler}
-            items |= {"train_state": state, "config": _saved_config(cfg)}
+            items |= {"train_state": state, "config": model_config(cfg)}
             best = state.best_step if cfg.checkpoint.keep_best else None
             save_checkpoint(run_dir, state.step, items, cfg.checkpoint.keep_last, best)
-        saved_step = state.step
+        saved_step, saved_at = state.step, state.elapsed_s
         distributed.barrier()
 
     stream = _batches(loader, sampler, state)
     budget_s = tc.max_minutes * 60 or math.inf
+    save_every_s = cfg.checkpoint.every_minutes * 60 or math.inf
     progress = Progress(tc.max_steps, budget_s, env.world_size)
-    status = "time_limit" if state.elapsed_s >= budget_s else "finished"
-    t_mark = time.monotonic()
-    with tracker, StopFlag() as stop:
+    status = "budget" if state.elapsed_s >= budget_s else "finished"
+    t_mark, saved_at, signum = time.monotonic(), state.elapsed_s, 0
+    with tracker:
         while state.step < tc.max_steps and status == "finished":
             ddp.train()
             group = [next(stream) for _ in range(accum)]
@@ -163,27 +177,35 @@ def train(cfg: Config, run_dir: Path) -> dict:
                     log.info("early stop: no better dev %s in %d evals", tc.metric, tc.patience)
                     status = "early_stop"
                     break
-            elif state.step % cfg.checkpoint.every_steps == 0:
-                save()
-            # wall clock, validation included; ranks agree on it (it sets the learning rate)
+            # wall clock, validation included, and stop requests: every rank agrees on both
             elapsed = state.elapsed_s + time.monotonic() - t_mark
             t_mark = time.monotonic()
-            halt, state.elapsed_s = distributed.max_over_ranks([stop.requested, elapsed], device)
-            if halt or state.elapsed_s >= budget_s:
-                status = "stopped" if halt else "time_limit"
-                if not halt and state.step % tc.eval_every:  # the last steps may be the best
+            signum, state.elapsed_s = distributed.max_over_ranks(
+                [stop.signum or 0, elapsed], device
+            )
+            if (
+                state.step % cfg.checkpoint.every_steps == 0
+                or state.elapsed_s - saved_at >= save_every_s
+            ):
+                save()
+            if signum or state.elapsed_s >= budget_s:
+                status = "stopped" if signum else "budget"
+                if not signum and state.step % tc.eval_every:  # the last steps may be the best
                     _validate(cfg, model, dev_loader, env, state, tracker)
                 break
         save()
         if status == "stopped":
-            log.info("stopped at step %d; run the same command again to resume", state.step)
+            # rank 0 asks SLURM why (one scontrol call per job, not per rank) and records it
+            reason = stop_reason(int(signum), parse_signal(tc.stop_signal)) if env.is_main else ""
+            lifecycle.stopped(reason, state.step)
             tracker.close("KILLED")
-            return {"status": status, "step": state.step}
+            return {"status": status, "reason": reason, "step": state.step}
 
         texts = [u.text for u in loader.dataset.utts]
         results = final_evaluation(cfg, run_dir, model, env, state, tracker, texts)
         results |= {"status": status, "steps": state.step, "train_minutes": state.elapsed_s / 60}
-        results["nonfinite_steps"] = state.nonfinite_steps
+        results |= {"nonfinite_steps": state.nonfinite_steps} | lifecycle.summary()
+        lifecycle.stopped(status, state.step)
         if env.is_main:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             tracker.log_artifact(run_dir / "results.json")
@@ -274,49 +296,6 @@ def _record_nonfinite(run_dir: Path, env, step: int, group, loss: float, gnorm: 
     record["ids"] = [i for b in group for i in b.ids]
     with open(run_dir / f"nonfinite-rank{env.rank}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _saved_config(cfg: Config) -> dict:
-    """What a checkpoint needs to rebuild its model (evaluate, transcribe, resume checks)."""
-    return {"model": asdict(cfg.model), "features": asdict(cfg.features)} | {
-        "sample_rate": cfg.data.sample_rate
-    }
-
-
-def _check_architecture(saved: dict, cfg: Config, path: Path) -> None:
-    """Refuse to resume into a different model; runtime-only settings may change."""
-    runtime = {"name", "dropout", "activation_checkpointing"}  # model fields that may change
-    runtime |= {"freq_masks", "freq_width", "time_masks", "time_width"}  # SpecAugment
-    now = _saved_config(cfg)
-    diff = {
-        f"{group}.{k}": (saved[group].get(k), v)
-        for group in ("model", "features")
-        for k, v in now[group].items()
-        if k not in runtime and saved[group].get(k) != v
-    }
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {a!r} != config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
-            f"refusing to resume from {path}: the model architecture differs ({details}). "
-            "Use a new run directory (hydra.run.dir=...) or the checkpoint's settings."
-        )
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that support it and on CPUs with AMX (where bf16 matmuls are about
-    1.5x faster for our models: `python -m lmu_asr.bench train`), else fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if _cpu_has_amx() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def _seed_everything(seed: int) -> None:

@@ -18,13 +18,13 @@ from lmu_asr.checkpoint import (
     MARKER,
     CheckpointConfig,
     CheckpointError,
-    TrainState,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_latest,
     save_checkpoint,
 )
+from lmu_asr.state import TrainState
 
 
 def _items(seed: int = 0) -> dict:

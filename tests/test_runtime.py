@@ -8,7 +8,9 @@ import torch
 
 from lmu_asr.distributed import DistEnv, env_from_environ, set_threads, slurm_port
 from lmu_asr.optim import OptimConfig, build_optimizer, lr_at
-from lmu_asr.preemption import StopFlag
+from lmu_asr.preemption import Lifecycle, StopFlag, parse_signal
+from lmu_asr.state import TrainState
+from lmu_asr.train import TrainerConfig, micro_batch_seed
 
 
 def test_single_process_by_default():
@@ -85,3 +87,42 @@ def test_no_weight_decay_on_biases_and_norms():
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and [p.dim() for p in decayed["params"]] == [2]
     assert plain["weight_decay"] == 0 and len(plain["params"]) == 3
+
+
+def test_stop_signal_names_and_a_bad_one():
+    assert parse_signal("USR2") == parse_signal("SIGUSR2") == parse_signal("12") == signal.SIGUSR2
+    with pytest.raises(ValueError, match="trainer.stop_signal: not a signal name.*'USR9'"):
+        TrainerConfig(stop_signal="USR9")
+    with pytest.raises(ValueError, match="trainer.max_restarts must be >= 0"):
+        TrainerConfig(max_restarts=-1)
+
+
+def test_lifecycle_names_a_start_that_never_stopped(tmp_path, caplog):
+    life = Lifecycle(tmp_path, is_main=True)
+    life.started(0)
+    life.stopped("time_limit", 40)
+    life.started(40)  # ... then the node died: no stop
+    with caplog.at_level("WARNING"):
+        Lifecycle(tmp_path, is_main=True).started(30)
+    assert "ended without stopping" in caplog.text and "resuming from step 30" in caplog.text
+    events = [(e["event"], e.get("reason"), e["step"]) for e in life.events()]
+    assert events == [("start", None, 0), ("stop", "time_limit", 40), ("start", None, 40),
+                      ("stop", "lost", None), ("start", None, 30)]  # fmt: skip
+    assert life.summary()["starts"] == 3
+    Lifecycle(tmp_path, is_main=False).started(30)  # other ranks write nothing
+    assert len(life.events()) == 5
+
+
+def test_each_rank_resumes_at_its_own_data_position():
+    state = TrainState(epoch=3, batch_in_epoch=7, rank_positions=[[3, 7], [4, 0]])
+    state.take_position(rank=1, world_size=2)
+    assert (state.epoch, state.batch_in_epoch) == (4, 0)
+    other = TrainState(epoch=3, batch_in_epoch=7, rank_positions=[[3, 7], [4, 0]])
+    other.take_position(rank=0, world_size=4)  # another world size: rank 0's position stands
+    assert (other.epoch, other.batch_in_epoch) == (3, 7)
+
+
+def test_micro_batch_seeds_depend_on_step_and_global_index_only():
+    seeds = {(s, i): micro_batch_seed(0, s, i) for s in range(3) for i in range(4)}
+    assert len(set(seeds.values())) == 12
+    assert micro_batch_seed(0, 2, 3) == seeds[(2, 3)] and micro_batch_seed(1, 2, 3) != seeds[(2, 3)]

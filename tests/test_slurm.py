@@ -164,6 +164,13 @@ def test_a_crashing_rank_ends_the_job_nonzero_within_60_s(slurm_cluster: Cluster
     job_id = re.search(r"Submitted SLURM job array (\d+)", out.stdout)[1]
 
     assert slurm_cluster.wait_job(job_id, timeout=120) == "FAILED"
+    time.sleep(6)  # longer than a requeued job waits (cred_expire=5) before it may run again
+    show = slurm_cluster.run("scontrol", "-o", "show", "job", job_id).stdout
+    assert "JobState=FAILED" in show and "Restarts=0" in show, show  # failed once, not requeued
+    stops = [
+        json.loads(line) for line in (sweep / "0" / "lifecycle.jsonl").read_text().splitlines()
+    ]
+    assert any(s["reason"] == "failed" and "ctc infeasible" in s["error"] for s in stops), stops
     acct = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "ElapsedRaw,ExitCode")
     elapsed, exit_code = acct.stdout.split()[0].split("|")
     assert int(elapsed) < 60 and exit_code != "0:0", acct.stdout

@@ -219,3 +219,25 @@ def test_rejected_metrics_are_dropped_not_spooled(store, client, tmp_path, caplo
     sink.close()
     assert "rejected metrics" in caplog.text and not (tmp_path / SPOOL_NAME).exists()
     assert _history(client, sink.run_id, "loss") == [(2, 1.0)]
+
+
+def test_a_job_resumed_behind_its_last_logged_step_logs_each_step_once(store, client, tmp_path):
+    """Killed at step 3 after a checkpoint at step 1: the resumed job replays steps 2-3. They
+    reach neither metrics.jsonl nor MLflow again; a metric not yet logged at a step still is."""
+    cfg = TrackingConfig(uri=store, experiment="replay")
+    first = Tracker(cfg, tmp_path, rank=0, params={})
+    for step in (1, 2, 3):
+        first.log({"loss": 10.0 + step}, step)
+    first.close("KILLED")
+
+    second = Tracker(cfg, tmp_path, rank=0, params={}, run_id=first.run_id)
+    for step in (2, 3, 4):
+        second.log({"loss": 20.0 + step}, step)
+    second.log({"dev/cer": 0.5}, 3)  # validation at step 3 never happened before the kill
+    second.close()
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("loss"), r.get("dev/cer")) for r in rows] == [
+        (1, 11.0, None), (2, 12.0, None), (3, 13.0, None), (4, 24.0, None), (3, None, 0.5)
+    ]  # fmt: skip
+    assert _history(client, first.run_id, "loss") == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0)]
+    assert _history(client, first.run_id, "dev/cer") == [(3, 0.5)]
