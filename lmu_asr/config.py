@@ -38,14 +38,18 @@ class Config:
 
 
 def register() -> None:
-    """Schema for conf/config.yaml, every sweeps/<name>.yaml as the `sweep` group, and the
+    """Schema for conf/config.yaml, every sweeps/<name>.yaml as the `sweep` group (its runs go
+    to the MLflow experiment <name> unless it says otherwise), and the
     resolvers conf/config.yaml uses so that only rank 0 writes `.hydra/` and `train.log`."""
     OmegaConf.register_new_resolver("lmu.rank_suffix", _rank_suffix, replace=True)
     OmegaConf.register_new_resolver("lmu.rank0_only", _rank0_only, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for path in sorted(SWEEPS_DIR.glob("*.yaml")):
-        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        node = OmegaConf.load(path)
+        if OmegaConf.select(node, "tracking.experiment") is None:  # one experiment per study
+            node = OmegaConf.merge({"tracking": {"experiment": path.stem}}, node)
+        cs.store(group="sweep", name=path.stem, node=node, package="_global_")
 
 
 def _rank_suffix() -> str:

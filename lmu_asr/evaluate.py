@@ -172,6 +172,7 @@ def final_evaluation(
             rows.append((f"{split} {name}", totals))
     if env.is_main:
         print(format_table(rows), flush=True)
+        (run_dir / "evaluation.txt").write_text(format_table(rows) + "\n")
     tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
     return results
 

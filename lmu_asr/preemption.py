@@ -108,6 +108,13 @@ def stop_reason(signum: int, stop_signal: int) -> str:
     return f"signal {signal.Signals(signum).name}"
 
 
+def comes_back(reason: str, max_restarts: int) -> bool:
+    """Whether a job that stopped for `reason` will be requeued: by rank 0 (`requeue`) or, for
+    `scontrol requeue`, by SLURM itself."""
+    within = restart_count() < max_restarts
+    return reason in (*REQUEUE_REASONS, "requeue") and "SLURM_JOB_ID" in os.environ and within
+
+
 def requeue(reason: str, max_restarts: int) -> bool:
     """After a stop for `reason`, put this SLURM job back in the queue (same job id, same run
     directory) unless it has been restarted `max_restarts` times already. True if requeued."""
@@ -124,7 +131,6 @@ def requeue(reason: str, max_restarts: int) -> bool:
         return False
     log.info("requeued SLURM job %s (%s)", job_id, reason)
     return True
-
 
 
 def after_stop(reason: str, max_restarts: int, stop: StopFlag, is_main: bool) -> bool:

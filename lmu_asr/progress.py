@@ -1,10 +1,14 @@
-"""The live progress line a person follows: step, loss, learning rate, speed and ETA."""
+"""The live progress line a person follows (step, loss, learning rate, speed and ETA), and the
+metrics behind it, system ones included."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+
+import psutil
+import torch
 
 log = logging.getLogger("lmu_asr")
 
@@ -19,11 +23,15 @@ class Progress:
 
     def _reset(self) -> None:
         self.losses: list[float] = []
-        self.audio_s, self.t0 = 0.0, time.monotonic()
+        self.audio_s, self.wait_s, self.t0 = 0.0, 0.0, time.monotonic()
 
     def add(self, loss: float, audio_s: float) -> None:
         self.losses.append(loss)
         self.audio_s += audio_s
+
+    def waited(self, seconds: float) -> None:
+        """Time the step loop spent waiting for its batches."""
+        self.wait_s += seconds
 
     def report(self, step: int, epoch: int, elapsed_s: float, lr: float, gnorm: float) -> dict:
         finite = [x for x in self.losses if math.isfinite(x)]
@@ -36,11 +44,21 @@ class Progress:
             "step %d/%d | loss %.3f | lr %.2e | grad %.2f | %.0f audio-s/s | eta %s",
             *(step, self.max_steps, loss, lr, gnorm, speed, format_duration(eta)),
         )
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm}
+        metrics |= {"train/audio_s_per_s": speed, "train/data_wait": self.wait_s / seconds}
+        metrics |= {"train/epoch": epoch} | system_metrics()
         self._reset()
-        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm} | {
-            "train/audio_s_per_s": speed,
-            "train/epoch": epoch,
-        }
+        return metrics
+
+
+def system_metrics() -> dict[str, float]:
+    """This process: CPU use (100 = one core busy since the last call), resident memory, and
+    the most GPU memory allocated so far."""
+    proc = psutil.Process()
+    out = {"sys/cpu_percent": proc.cpu_percent(), "sys/rss_gb": proc.memory_info().rss / 2**30}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["sys/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def format_duration(seconds: float) -> str:

@@ -1,8 +1,8 @@
-"""Metrics sinks: `metrics.jsonl` (always) and MLflow (optional), both on rank 0 only.
+"""What a run records: `metrics.jsonl` (always) and its MLflow mirror (optional), rank 0 only.
 
-MLflow problems never stop training: what cannot be sent is spooled to
-`<run_dir>/mlflow-spool.jsonl` and replayed once the server answers again (in this job, after a
-back-off, or in the next job that uses the same run dir).
+MLflow problems never stop or slow training: a background thread copies metrics.jsonl to the
+server and catches up after an outage (mlflow_mirror.py). `python -m lmu_asr.tracking sync
+RUN_DIR` sends whatever a run directory has not sent yet, e.g. after its job ended during one.
 
 Tracking URI: `tracking.uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`,
 which is MLflow's own default, so `mlflow ui` started in the same folder shows the runs. Artifacts
@@ -12,32 +12,27 @@ of a local sqlite store go to `mlartifacts/` next to the database. On a cluster 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmu_asr.mlflow_mirror import MlflowMirror, read_state
+
 log = logging.getLogger(__name__)
 
-SPOOL_NAME = "mlflow-spool.jsonl"
 MAX_PARAM_KEY, MAX_PARAM_VALUE = 250, 6000  # mlflow.utils.validation limits
-MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
-# Short HTTP retries so a down server costs seconds, not MLflow's default minutes. Process-wide
-# (MLflow reads them from the environment); set only when the user has not set them.
-CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-_REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}  # retrying will not help
-_STATUSES = {"FINISHED", "FAILED", "KILLED"}
 
 
 @dataclass
@@ -115,190 +110,38 @@ class JsonlSink:
         self._f.close()
 
 
-class MlflowSink:
-    """One MLflow run through an explicit `MlflowClient` (no global tracking URI or active run).
+def git_commit() -> str:
+    """The commit of the lmu_asr source that runs ("-dirty" with uncommitted changes)."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
-    Creates the experiment and a run, or resumes `run_id` (params missing from it are logged,
-    existing ones are left alone). Failures are spooled and retried after a back-off that starts
-    at `retry_s` and doubles up to 10 minutes."""
 
-    def __init__(
-        self,
-        cfg: TrackingConfig,
-        run_id: str | None,
-        run_name: str | None,
-        params: Mapping[str, Any],
-        tags: Mapping[str, str],
-        *,
-        spool_path: Path,
-        retry_s: float = 30.0,
-    ) -> None:
-        for k, v in CLIENT_ENV.items():
-            os.environ.setdefault(k, v)
-        self.cfg, self.uri, self.run_id = cfg, resolve_uri(cfg.uri), run_id
-        self.spool_path = Path(spool_path)
-        self.client: Any = None
-        self._run_name, self._params, self._tags = run_name, flatten_params(params), dict(tags)
-        self._ready, self._warned = False, False
-        self._retry_s, self._delay, self._next_try = retry_s, retry_s, 0.0
-        self._deliver([])  # start the run now and replay what an earlier job spooled
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        entry = {"kind": "metrics", "step": int(step), "time_ms": int(time.time() * 1000)}
-        self._deliver([{**entry, "metrics": {k: float(v) for k, v in metrics.items()}}])
-
-    def log_artifact(self, path: Path) -> None:
-        self._deliver([{"kind": "artifact", "path": str(Path(path).resolve())}])
-
-    def close(self, status: str = "FINISHED") -> None:
-        if status not in _STATUSES:
-            raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
-        self._next_try = 0.0  # one last try whatever the back-off
-        self._deliver([])
-        if not self._ready or self.spool_path.exists():
-            log.warning(
-                f"MLflow at {self.uri} unreachable at close: run not marked {status}; "
-                f"the next job in this run dir replays {self.spool_path}"
-            )
-            return
-        try:
-            self.client.set_terminated(self.run_id, status)
-        except Exception as e:
-            log.warning(f"MLflow at {self.uri}: could not mark run {self.run_id} {status}: {e}")
-
-    def _deliver(self, entries: list[dict]) -> None:
-        if time.monotonic() < self._next_try:
-            return self._spool(entries)
-        try:
-            if not self._ready:
-                self._start_run()
-            self._replay()
-            self._send(entries)
-        except Exception as e:
-            self._spool(entries)
-            self._next_try = time.monotonic() + self._delay
-            if not self._warned:
-                log.warning(
-                    f"MLflow at {self.uri} unreachable or failing ({str(e)[:300]}); "
-                    f"training goes on, spooling to {self.spool_path}, next try in "
-                    f"{self._delay:.0f} s"
-                )
-            self._warned, self._delay = True, min(2 * self._delay, 600.0)
-            return
-        if self._warned:
-            log.warning(f"MLflow at {self.uri} reachable again; spooled metrics replayed")
-        self._warned, self._delay = False, self._retry_s
-
-    def _start_run(self) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
-        from mlflow.exceptions import MlflowException
-
-        self.client = self.client or MlflowClient(tracking_uri=self.uri)
-        logged: Mapping[str, str] = {}
-        if self.run_id is not None:
-            try:
-                run = self.client.get_run(self.run_id)
-                logged = run.data.params
-                if run.info.status != "RUNNING":
-                    self.client.update_run(self.run_id, status="RUNNING")
-                tags = [RunTag(k, v) for k, v in self._tags.items()]  # this job's host, job id
-                self._call("tags", tags=tags)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                log.warning(f"MLflow run {self.run_id} not found at {self.uri}; starting a new one")
-                self.run_id = None
-        if self.run_id is None:
-            tags = dict(self._tags)
-            if self.cfg.parent_run_id:
-                tags["mlflow.parentRunId"] = self.cfg.parent_run_id
-            run = self.client.create_run(self._experiment_id(), run_name=self._run_name, tags=tags)
-            self.run_id = run.info.run_id
-        todo = [Param(k, v) for k, v in self._params.items() if k not in logged]
-        for i in range(0, len(todo), MAX_PARAMS_PER_BATCH):
-            self._call("params", params=todo[i : i + MAX_PARAMS_PER_BATCH])
-        self._ready = True
-
-    def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        name = self.cfg.experiment
-        if (exp := self.client.get_experiment_by_name(name)) is not None:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):  # not MLflow's default ./mlruns in the cwd
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # another job of the sweep created it first
-            if (exp := self.client.get_experiment_by_name(name)) is None:
-                raise
-            return exp.experiment_id
-
-    def _call(self, what: str, **batch: Any) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.log_batch(self.run_id, **batch)
-        except MlflowException as e:
-            if e.error_code not in _REJECTED:
-                raise
-            log.warning(f"MLflow at {self.uri} rejected {what}, dropped: {str(e)[:300]}")
-
-    def _send(self, entries: list[dict]) -> None:
-        """Send in order, metrics batched; raises with `entries` updated to what is left."""
-        from mlflow.entities import Metric
-
-        while entries:
-            if entries[0]["kind"] == "artifact":
-                if Path(entries[0]["path"]).exists():
-                    self.client.log_artifact(self.run_id, entries[0]["path"])
-                else:
-                    log.warning("artifact %s no longer exists, not logged", entries[0]["path"])
-                del entries[0]
-                continue
-            n, metrics = 0, []
-            while n < len(entries) and entries[n]["kind"] == "metrics":
-                more = [
-                    Metric(k, v, entries[n]["time_ms"], entries[n]["step"])
-                    for k, v in entries[n]["metrics"].items()
-                ]
-                if metrics and len(metrics) + len(more) > MAX_METRICS_PER_BATCH:
-                    break
-                metrics, n = metrics + more, n + 1
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                self._call("metrics", metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-            del entries[:n]
-
-    def _replay(self) -> None:
-        if not self.spool_path.exists():
-            return
-        lines = self.spool_path.read_text().splitlines()
-        entries = []
-        for line in lines:
-            with contextlib.suppress(ValueError):  # the half line of a killed job
-                entries.append(json.loads(line))
-        try:
-            self._send(entries)
-        except Exception:
-            tmp = self.spool_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-            os.replace(tmp, self.spool_path)  # keep only what was not sent
-            raise
-        self.spool_path.unlink()
-        log.info("MLflow: replayed %d spooled entries from %s", len(lines), self.spool_path)
-
-    def _spool(self, entries: list[dict]) -> None:
-        if entries:
-            with open(self.spool_path, "a") as f:
-                f.write("".join(json.dumps(e) + "\n" for e in entries))
+def run_tags(run_dir: Path, params: Mapping[str, Any], world_size: int) -> dict[str, str]:
+    """What identifies this job: where, which code, which config, which SLURM job and restart."""
+    config = json.dumps(params, sort_keys=True, default=str)
+    tags = {"run_dir": str(Path(run_dir).resolve()), "host": socket.gethostname()}
+    tags |= {"git_commit": git_commit(), "world_size": str(world_size)}
+    tags["config_hash"] = hashlib.sha256(config.encode()).hexdigest()[:12]
+    slurm = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",
+             "SLURM_ARRAY_TASK_ID": "slurm_array_task_id", "SLURM_JOB_NODELIST": "hosts",
+             "SLURM_RESTART_COUNT": "restart_count"}  # fmt: skip
+    tags |= {tag: os.environ[var] for var, tag in slurm.items() if os.environ.get(var)}
+    if "SLURM_JOB_ID" in os.environ:
+        tags.setdefault("restart_count", "0")
+    return tags
 
 
 class Tracker:
-    """What the trainer uses: JSONL + MLflow on rank 0; a no-op on every other rank."""
+    """What the trainer uses: metrics.jsonl + its MLflow mirror on rank 0; a no-op elsewhere."""
 
     def __init__(
         self,
@@ -307,47 +150,46 @@ class Tracker:
         rank: int,
         params: Mapping[str, Any],
         run_id: str | None = None,
+        world_size: int = 1,
     ) -> None:
         run_dir = Path(run_dir)
         self._run_id = run_id
+        self.parent = cfg.parent_run_id
         self.jsonl: JsonlSink | None = None
-        self.mlflow: MlflowSink | None = None
+        self.mlflow: MlflowMirror | None = None
         if rank != 0:
             return
         self.jsonl = JsonlSink(run_dir / "metrics.jsonl")
         if cfg.enabled:
-            tags = {"run_dir": str(run_dir.resolve()), "host": socket.gethostname()}
-            if os.environ.get("SLURM_JOB_ID"):
-                tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-            name = cfg.run_name or run_dir.name
-            spool = run_dir / SPOOL_NAME
-            self.mlflow = MlflowSink(cfg, run_id, name, params, tags, spool_path=spool)
+            self.mlflow = mirror_for(cfg, run_dir, params, run_tags(run_dir, params, world_size))
+            if run_id and not self.mlflow.run_id:  # a run dir from before tracking.json
+                self.mlflow.state["run_id"] = run_id
+            self.mlflow.start()
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id; None until the run exists on the server (store it when saving)."""
+        """The MLflow run id; None until the run exists on the server."""
         return self.mlflow.run_id if self.mlflow else self._run_id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log to both sinks, leaving out what metrics.jsonl already holds for this step (the
-        steps a resumed job replays), so MLflow and metrics.jsonl keep every step once."""
-        if not self.jsonl or not (metrics := self.jsonl.new(metrics, step)):
-            return
-        self.jsonl.log(metrics, step)
-        if self.mlflow:
-            self.mlflow.log(metrics, step)
+        """Append to metrics.jsonl (which the mirror sends on), leaving out what it already
+        holds for this step (the steps a resumed job replays): every step is logged once."""
+        if self.jsonl and (metrics := self.jsonl.new(metrics, step)):
+            self.jsonl.log(metrics, step)
 
     def log_artifact(self, path: Path) -> None:
         if self.mlflow:
             self.mlflow.log_artifact(path)
 
-    def close(self, status: str = "FINISHED") -> None:
-        if self.mlflow:
-            self.mlflow.close(status)
-            self._run_id, self.mlflow = self.mlflow.run_id, None
+    def close(self, status: str | None = "FINISHED") -> None:
+        """End the run: FINISHED, FAILED, KILLED, or None for a job that will be requeued (its
+        run stays RUNNING)."""
         if self.jsonl:
             self.jsonl.close()
             self.jsonl = None
+        if self.mlflow:
+            self.mlflow.close(status)
+            self._run_id, self.mlflow = self.mlflow.run_id, None
 
     def __enter__(self) -> Tracker:
         return self
@@ -355,3 +197,80 @@ class Tracker:
     def __exit__(self, exc_type: type | None, *_: Any) -> None:
         interrupted = exc_type is not None and not issubclass(exc_type, Exception)
         self.close("FINISHED" if exc_type is None else "KILLED" if interrupted else "FAILED")
+
+
+def mirror_for(
+    cfg: TrackingConfig, run_dir: Path, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> MlflowMirror:
+    """The mirror of `run_dir`; with a parent (a sweep's job), it keeps the parent's state."""
+    from lmu_asr.parent_run import settle_parent
+
+    def settle(client: Any, _run_id: str) -> None:
+        if cfg.parent_run_id:
+            try:
+                settle_parent(client, cfg.parent_run_id)
+            except Exception as e:
+                log.warning(f"MLflow: parent run {cfg.parent_run_id} not updated: {e}")
+
+    uri = resolve_uri(cfg.uri)
+    return MlflowMirror(
+        uri, cfg.experiment, run_dir, cfg.run_name or Path(run_dir).name, flatten_params(params),
+        tags, cfg.parent_run_id, on_start=settle, on_end=settle,
+    )  # fmt: skip
+
+
+def sync(run_dir: Path) -> int:
+    """Send what `run_dir` has not sent to its MLflow run, and end the run if its job ended."""
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    if not state.get("uri"):
+        print(f"{run_dir}: no {run_dir / 'tracking.json'}: MLflow was off for this run")
+        return 1
+    cfg = TrackingConfig(
+        uri=state["uri"],
+        experiment=state.get("experiment") or "lmu_asr",
+        run_name=state.get("run_name"),
+        parent_run_id=state.get("parent_run_id"),
+    )
+    params = {}
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.exists():
+        from omegaconf import OmegaConf
+
+        with contextlib.suppress(Exception):  # interpolations that no longer resolve
+            params = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    mirror = mirror_for(cfg, run_dir, params, {})
+    if not mirror.sync_once():
+        print(f"{run_dir}: MLflow at {cfg.uri} unreachable: {mirror.last_error}")
+        return 1
+    status = ended_status(run_dir)
+    if not mirror.close(status):
+        return 1
+    print(f"{run_dir}: sent to run {mirror.run_id}" + (f", marked {status}" if status else ""))
+    return 0
+
+
+def ended_status(run_dir: Path) -> str | None:
+    """FINISHED / FAILED / KILLED if the run directory's job has ended, else None."""
+    if (run_dir / "results.json").exists():
+        return "FINISHED"
+    path = run_dir / "lifecycle.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    if last.get("event") != "stop":
+        return None
+    return "FAILED" if last.get("reason") == "failed" else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmu_asr.tracking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sync", help="send what run directories have not yet sent to MLflow")
+    s.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return max(sync(d) for d in args.run_dirs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

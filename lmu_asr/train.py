@@ -31,8 +31,9 @@ from lmu_asr.evaluate import evaluate_loader, final_evaluation, split_loader
 from lmu_asr.features import compute_stats
 from lmu_asr.model import SpeechRecognizer
 from lmu_asr.optim import build_optimizer, lr_at
-from lmu_asr.preemption import Lifecycle, StopFlag, parse_signal, stop_reason
+from lmu_asr.preemption import Lifecycle, StopFlag, comes_back, parse_signal, stop_reason
 from lmu_asr.progress import Progress
+from lmu_asr.report import write_report
 from lmu_asr.state import TrainState
 from lmu_asr.tracking import Tracker
 
@@ -125,7 +126,7 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
 
     ddp = DistributedDataParallel(model) if env.distributed else model
     saved_step = state.step if found else -1
-    tracker = Tracker(cfg.tracking, run_dir, env.rank, params=asdict(cfg), run_id=state.run_id)
+    tracker = Tracker(cfg.tracking, run_dir, env.rank, asdict(cfg), state.run_id, env.world_size)
     lifecycle = Lifecycle(run_dir, env.is_main)
     lifecycle.started(state.step)
 
@@ -151,7 +152,9 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
     with tracker:
         while state.step < tc.max_steps and status == "finished":
             ddp.train()
+            t_data = time.monotonic()
             group = [next(stream) for _ in range(accum)]
+            progress.waited(time.monotonic() - t_data)
             done = max(state.step / tc.max_steps, state.elapsed_s / budget_s)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg.optim, state.step, done)
@@ -198,7 +201,7 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
             # rank 0 asks SLURM why (one scontrol call per job, not per rank) and records it
             reason = stop_reason(int(signum), parse_signal(tc.stop_signal)) if env.is_main else ""
             lifecycle.stopped(reason, state.step)
-            tracker.close("KILLED")
+            tracker.close(None if comes_back(reason, tc.max_restarts) else "KILLED")  # RUNNING
             return {"status": status, "reason": reason, "step": state.step}
 
         texts = [u.text for u in loader.dataset.utts]
@@ -208,7 +211,9 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
         lifecycle.stopped(status, state.step)
         if env.is_main:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            tracker.log_artifact(run_dir / "results.json")
+            report = write_report(cfg, run_dir, model, dev_loader.dataset, state.best_step)
+            for path in [run_dir / "results.json", run_dir / "evaluation.txt", *report]:
+                tracker.log_artifact(path)
     return results
 
 
