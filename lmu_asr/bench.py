@@ -1,4 +1,4 @@
-"""Benchmarks that print JSON: `python -m lmu_asr.bench {lmu,data} [--help]`.
+"""Benchmarks that print JSON: `python -m lmu_asr.bench {lmu,data,tracking} [--help]`.
 
 Numbers on a shared machine are noisy; compare the ratios, which are measured in one run.
 """
@@ -171,6 +171,49 @@ def _write_wavs(folder, count: int, rate: int) -> list:
     return utts
 
 
+# --- tracking --------------------------------------------------------------------------------
+
+
+def bench_tracking(args: argparse.Namespace) -> dict:
+    """Training speed while logging every step: a fixed CPU workload per step (matrix products)
+    with ~10 metrics per step, MLflow off, sending to a live server (--uri), and during an
+    outage (a port where nothing answers). Modes alternate round by round, so drift in the
+    machine's speed hits all of them alike."""
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import mlflow  # noqa: F401  (imported long before any outage in a real job)
+    import torch
+
+    from lmu_asr.tracking import Tracker, TrackingConfig
+
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.size, args.size)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends
+    modes = {"off": TrackingConfig(enabled=False), "outage": TrackingConfig(uri=down)}
+    if args.uri:
+        modes["server"] = TrackingConfig(uri=args.uri, experiment="bench_tracking")
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    metrics = {f"train/m{i}": 0.5 for i in range(10)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for mode, cfg in modes.items():
+                tracker = Tracker(cfg, Path(tmp) / f"{mode}-{r}", rank=0, params={"a": 1})
+                t0 = time.perf_counter()
+                for step in range(1, args.steps + 1):
+                    (x @ x).sum().item()
+                    tracker.log(metrics, step)
+                rates[mode].append(args.steps / (time.perf_counter() - t0))
+                tracker.close()
+    median = {m: statistics.median(v) for m, v in rates.items()}
+    out = {"steps_per_s": median, "rounds": rates}
+    out |= {f"{m}/off": median[m] / median["off"] for m in modes if m != "off"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lmu_asr.bench", description=__doc__)
     sub = parser.add_subparsers(dest="which", required=True)
@@ -203,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     p_data.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p_data.add_argument("--max-frames", type=int, default=20000, help="frames per batch")
     p_data.set_defaults(fn=bench_data)
+    p_track = sub.add_parser("tracking", help="training speed: MLflow off, up (--uri), down")
+    p_track.add_argument("--uri", help="a live MLflow server, e.g. http://127.0.0.1:5000")
+    p_track.add_argument("--steps", type=int, default=100, help="steps per round")
+    p_track.add_argument("--rounds", type=int, default=6)
+    p_track.add_argument("--size", type=int, default=1024, help="matrix size of a step's work")
+    p_track.add_argument("--threads", type=int, default=1)
+    p_track.set_defaults(fn=bench_tracking)
     args = parser.parse_args(argv)
     print(json.dumps(args.fn(args), indent=2))
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -99,6 +100,7 @@ def evaluate_decoders(
     loader.batch_sampler.set_epoch(0)
     refs: dict[str, str] = {}
     hyps: dict[str, dict[str, str]] = {name: {} for name in decoders}
+    losses: dict[str, tuple[float, int]] = {}  # id -> (CTC loss, target tokens)
     skipped = 0
     for batch in tqdm(loader, desc="decoding", disable=not (progress and env.is_main)):
         skipped += len(batch.skipped)
@@ -108,18 +110,26 @@ def evaluate_decoders(
         log_probs, out_lens = model(batch.wav, batch.wav_lens)
         texts = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
         refs |= dict(zip(batch.ids, texts, strict=True))
+        loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch.tokens, out_lens,
+                          batch.token_lens, reduction="none", zero_infinity=True)  # fmt: skip
+        n = batch.token_lens.tolist()
+        losses |= {i: (x, k) for i, x, k in zip(batch.ids, loss.tolist(), n, strict=True)}
         for name, decode in decoders.items():
             hyps[name] |= dict(zip(batch.ids, decode(log_probs, out_lens), strict=True))
     model.train(was_training)
     if dist.is_initialized():  # shards may repeat an utterance to even out: dedupe by id
         gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, (refs, hyps, skipped))
-        refs = {k: v for r, _, _ in gathered for k, v in r.items()}
-        hyps = {name: {k: v for _, h, _ in gathered for k, v in h[name].items()} for name in hyps}
-        skipped = sum(s for _, _, s in gathered)
-    return {
-        name: _score(refs, hyps[name], SCORING[scoring], skipped, env.is_main) for name in decoders
-    }
+        dist.all_gather_object(gathered, (refs, hyps, skipped, losses))
+        refs = {k: v for r, *_ in gathered for k, v in r.items()}
+        hyps = {name: {k: v for _, h, *_ in gathered for k, v in h[name].items()} for name in hyps}
+        skipped = sum(g[2] for g in gathered)
+        losses = {k: v for *_, los in gathered for k, v in los.items()}
+    loss = sum(x for x, _ in losses.values()) / max(sum(k for _, k in losses.values()), 1)
+    results = {}
+    for name in decoders:
+        totals, rows = _score(refs, hyps[name], SCORING[scoring], skipped, env.is_main)
+        results[name] = (totals | {"loss": loss}, rows)  # loss: CTC per target token
+    return results
 
 
 def _score(

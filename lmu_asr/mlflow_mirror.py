@@ -30,6 +30,7 @@ CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # the log says where the run is, once
 }
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}  # sending again will not help
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -211,6 +212,7 @@ class MlflowMirror:
         for i in range(0, len(todo), MAX_PARAMS_PER_BATCH):
             self._call("params", params=todo[i : i + MAX_PARAMS_PER_BATCH])
         self._ready = True
+        log.info("MLflow run %s: %s", self.run_id, self.state.get("url") or self.uri)
         if self._on_start is not None:
             self._on_start(self.client, self.run_id)
 

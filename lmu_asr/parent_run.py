@@ -61,20 +61,23 @@ class ParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow import MlflowClient
 
-        from lmu_asr.mlflow_mirror import experiment_id
+        from lmu_asr.mlflow_mirror import CLIENT_ENV, experiment_id
         from lmu_asr.tracking import git_commit, resolve_uri
 
         tracking = config.tracking
         if not tracking.enabled or os.environ.get(ENV_VAR):
             return
         uri = resolve_uri(tracking.uri)
+        for k, v in CLIENT_ENV.items():  # a down server costs seconds, not MLflow's minutes
+            os.environ.setdefault(k, v)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         try:
             self.client = MlflowClient(tracking_uri=uri)
             experiment = experiment_id(self.client, uri, tracking.experiment)
             tags = {"sweep_dir": str(sweep_dir), "git_commit": git_commit()}
             tags["mlflow.note.content"] = "overrides: " + " ".join(config.hydra.overrides.task)
-            run = self.client.create_run(experiment, run_name=sweep_dir.name, tags=tags)
+            name = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+            run = self.client.create_run(experiment, run_name=name, tags=tags)
         except Exception as e:  # the sweep goes on; its jobs are then top-level runs
             log.warning(f"MLflow at {uri}: no parent run for this sweep ({str(e)[:300]})")
             return

@@ -182,12 +182,16 @@ class Lifecycle:
             )
             self._write({"event": "stop", "reason": "lost", "step": None, "resumed_from": step})
         where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        if array := os.environ.get("SLURM_ARRAY_JOB_ID"):  # the id sacct and squeue show
+            where["slurm_array_id"] = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
         where |= {"restart": restart_count()}
         self._write({"event": "start", "step": step} | where)
+        job = where.get("slurm_array_id") or where["slurm_job_id"]
         log.info(
-            "start %d (SLURM job %s, restart %d, host %s) at step %d",
-            *(sum(e["event"] == "start" for e in events) + 1, where["slurm_job_id"]),
-            *(where["restart"], where["host"], step),
+            "start %d (%s, host %s) at step %d",
+            sum(e["event"] == "start" for e in events) + 1,
+            f"SLURM job {job}, restart {where['restart']}" if job else "not under SLURM",
+            *(where["host"], step),
         )
 
     def stopped(self, reason: str, step: int | None, error: str = "") -> None:

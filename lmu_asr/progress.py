@@ -51,11 +51,17 @@ class Progress:
         return metrics
 
 
+_PROCESS = psutil.Process()  # cpu_percent() measures from the previous call on this object
+
+
+def _rss_gb() -> float:
+    return _PROCESS.memory_info().rss / 2**30
+
+
 def system_metrics() -> dict[str, float]:
     """This process: CPU use (100 = one core busy since the last call), resident memory, and
     the most GPU memory allocated so far."""
-    proc = psutil.Process()
-    out = {"sys/cpu_percent": proc.cpu_percent(), "sys/rss_gb": proc.memory_info().rss / 2**30}
+    out = {"sys/cpu_percent": _PROCESS.cpu_percent(), "sys/rss_gb": _rss_gb()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["sys/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -292,7 +292,8 @@ def _validate(cfg: Config, model, dev_loader, env, state: TrainState, tracker) -
         *(state.step, totals["cer"], totals["wer"], cfg.trainer.metric),
         *(state.best_metric, state.best_step),
     )
-    tracker.log({"dev/cer": totals["cer"], "dev/wer": totals["wer"]}, state.step)
+    tracker.log({"dev/cer": totals["cer"], "dev/wer": totals["wer"], "dev/loss": totals["loss"]},
+                state.step)  # fmt: skip
 
 
 def _record_nonfinite(run_dir: Path, env, step: int, group, loss: float, gnorm: float) -> None:

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
 # A real local SLURM cluster with accounting for tests and demos (slurm/dev-cluster.sh).
 APT_PACKAGES+=" slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux"
+APT_PACKAGES+=" chromium chromium-driver"  # a real browser for the MLflow UI test (selenium)
 APT_PACKAGES+=" ${LMU_ASR_EXTRA_APT:-}"
 
 missing=()

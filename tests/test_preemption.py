@@ -220,7 +220,11 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_complete_one(
     def training_since(n_kills: int, step: int) -> bool:  # (re)started, and past `step`
         path = run_dir / "lifecycle.jsonl"
         started = path.exists() and len(events(run_dir)) == 2 * n_kills + 1
-        return started and (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) > step
+        return (
+            started
+            and (run_dir / "metrics.jsonl").exists()
+            and max(losses(run_dir), default=0) > step
+        )
 
     def writing() -> bool:
         return any(p.name.startswith(".tmp-") for p in folder.iterdir())
