@@ -59,14 +59,14 @@ class ParentRun(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow import MlflowClient
+        tracking = config.tracking
+        if not tracking.enabled or os.environ.get(ENV_VAR):
+            return
+        from mlflow import MlflowClient  # seconds to import: only when tracking
 
         from lmu_asr.mlflow_mirror import CLIENT_ENV, experiment_id
         from lmu_asr.tracking import git_commit, resolve_uri
 
-        tracking = config.tracking
-        if not tracking.enabled or os.environ.get(ENV_VAR):
-            return
         uri = resolve_uri(tracking.uri)
         for k, v in CLIENT_ENV.items():  # a down server costs seconds, not MLflow's minutes
             os.environ.setdefault(k, v)
@@ -82,15 +82,19 @@ class ParentRun(Callback):
             log.warning(f"MLflow at {uri}: no parent run for this sweep ({str(e)[:300]})")
             return
         self.run_id = run.info.run_id
-        params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {})
-        for key, value in params.items():
-            self.client.log_param(self.run_id, f"sweep.{key}", str(value)[:6000])
         os.environ[ENV_VAR] = self.run_id
         url = f"{uri}/#/experiments/{experiment}/runs/{self.run_id}"
         record = {"uri": uri, "experiment_id": experiment, "run_id": self.run_id}
         record["url"] = url if uri.startswith("http") else None
         _update_sweep_json(sweep_dir, {"mlflow": record})
         log.info("MLflow parent run %s (%s)", self.run_id, record["url"] or uri)
+        swept = config.hydra.sweeper.get("params")  # None for a sweep of command-line values
+        swept = OmegaConf.to_container(swept) if swept else {}
+        try:
+            for key, value in swept.items():
+                self.client.log_param(self.run_id, f"sweep.{key}", str(value)[:6000])
+        except Exception as e:
+            log.warning(f"MLflow: the sweep's params were not logged ({str(e)[:300]})")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:

@@ -128,8 +128,12 @@ def test_time_limit_requeues_the_job_until_it_ends_bitwise_like_an_uninterrupted
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("lmu_asr").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    parent = json.loads((sweep / "sweep.json").read_text())["mlflow"]["run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 2 and len(children) == 1  # the sweep's parent run and the job's run
+    assert children[0].info.status == "FINISHED"
+    assert client.get_run(parent).info.status == "FINISHED"  # the parent followed its child
+    history = client.get_metric_history(children[0].info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     assert {m.step: m.value for m in history} == losses(job)
 
@@ -235,7 +239,8 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_complete_one(
         last = max(losses(run_dir)) if kills else 0
         wait_until(lambda s=last + 20: training_since(len(kills), s), f"job {job_id} training")
         trainer = [pid for pid, cmdline in slurm_cluster.job_processes().items()
-                   if "lmu_asr.launch" in cmdline and not cmdline.startswith("bash")]  # fmt: skip
+                   if "lmu_asr.launch" in cmdline
+                   and Path(cmdline.split()[0]).name.startswith("python")]  # fmt: skip
         assert len(trainer) == 1, slurm_cluster.job_processes()
         wait_until(writing, "a checkpoint write", timeout=60, poll=0)
         os.kill(trainer[0], signal.SIGKILL)
