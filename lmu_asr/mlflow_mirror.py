@@ -195,7 +195,8 @@ class MlflowMirror:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 log.warning(f"MLflow run {self.run_id} not found at {self.uri}; starting a new one")
-                self.state = {"offset": 0, "artifacts": self.state["artifacts"]}
+                keep = ("uri", "experiment", "run_name", "parent_run_id", "artifacts")
+                self.state = {k: self.state[k] for k in keep} | {"offset": 0}
         if self.run_id is None:
             tags = dict(self._tags)
             experiment = None

@@ -100,14 +100,16 @@ def assert_each_step_once(run_dir: Path, steps: int) -> None:
 def test_time_limit_requeues_the_job_until_it_ends_bitwise_like_an_uninterrupted_run(
     slurm_cluster: Cluster, env, tmp_path
 ):
-    """timeout_min=1 with the warning 55 s before the limit: SLURM checks limits every 30 s, so
-    the job is signalled 5-35 s after each start and requeues itself several times."""
-    steps = 1500  # about 6 one-minute slices on 2 cores: >= 3 requeues up to ~1.9x faster
+    """timeout_min=1 with the warning 50 s before the limit: SLURM checks limits every 30 s, so
+    the job is signalled 10-40 s after each start (after python has installed its handlers,
+    which takes a few seconds; a USR2 before that ends the task) and requeues itself several
+    times."""
+    steps = 2000  # about 6 one-minute slices on 2 cores: >= 3 requeues up to ~2x faster
     overrides = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"]
     ref = reference(tmp_path / "reference", env, overrides)
     sweep, db = tmp_path / "sweep", tmp_path / "mlflow.db"
     cmd = [*LAUNCH, "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", *overrides]
-    cmd += ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=55"]
+    cmd += ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50"]
     cmd += ["trainer.max_restarts=40"]  # a slow machine needs more 1-minute slices
     cmd += [f"tracking.uri=sqlite:///{db}"]
     out = run(cmd, slurm_cluster.env | env, timeout=60)

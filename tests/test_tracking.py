@@ -296,3 +296,18 @@ def test_a_job_resumed_behind_its_last_logged_step_logs_each_step_once(store, cl
     ]  # fmt: skip
     assert _history(client, first.run_id, "loss") == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0)]
     assert _history(client, first.run_id, "dev/cer") == [(3, 0.5)]
+
+
+def test_a_run_gone_from_the_store_is_started_again_with_everything(store, client, tmp_path):
+    cfg = TrackingConfig(uri=store, experiment="gone")
+    first = Tracker(cfg, tmp_path, rank=0, params={})
+    first.log({"loss": 1.0}, step=1)
+    first.close(None)
+    client.delete_run(first.run_id)  # and the store was cleaned up: the id now names nothing
+    (tmp_path / STATE_NAME).write_text(json.dumps(read_state(tmp_path) | {"run_id": "0" * 32}))
+    second = Tracker(cfg, tmp_path, rank=0, params={})
+    second.log({"loss": 0.5}, step=2)
+    second.close()
+    assert second.run_id not in (first.run_id, "0" * 32)
+    assert _history(client, second.run_id, "loss") == [(1, 1.0), (2, 0.5)]
+    assert read_state(tmp_path)["uri"] == store and read_state(tmp_path)["experiment"] == "gone"
