@@ -104,7 +104,7 @@ def test_time_limit_requeues_the_job_until_it_ends_bitwise_like_an_uninterrupted
     the job is signalled 10-40 s after each start (after python has installed its handlers,
     which takes a few seconds; a USR2 before that ends the task) and requeues itself several
     times."""
-    steps = 2000  # about 6 one-minute slices on 2 cores: >= 3 requeues up to ~2x faster
+    steps = 1700  # about 7 one-minute slices on 2 cores: >= 3 requeues up to ~1.8x faster
     overrides = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"]
     ref = reference(tmp_path / "reference", env, overrides)
     sweep, db = tmp_path / "sweep", tmp_path / "mlflow.db"
