@@ -99,6 +99,11 @@ def _write_file(path: Path, write: Any) -> None:
         os.fsync(f.fileno())
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` of `run_dir` lives (complete only with its marker)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
 def _step_of(folder: Path) -> int:
     return int(folder.name.split("-", 1)[1])
 
@@ -140,9 +145,9 @@ def save_checkpoint(
         _check_weights_only(state, f"checkpoint item {name!r}")
         states[name] = state
 
-    root = Path(run_dir) / "checkpoints"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     writer = f"step-{step:08d}-{_host()}-{os.getpid()}"
     tmp, old = root / f".tmp-{writer}", root / f".old-{writer}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,7 +212,7 @@ def _prune(root: Path, saved: Path, keep_last: int, best_step: int | None) -> No
     done = list_checkpoints(root.parent)
     keep = {saved, *done[-keep_last:]}
     if best_step is not None and best_step >= 0:
-        keep.add(root / f"step-{best_step:08d}")
+        keep.add(checkpoint_dir(root.parent, best_step))
     for p in root.iterdir():
         m = _WRITER_DIR.match(p.name)
         if m and _writer_is_dead(p, m.group(3), int(m.group(4))):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lmu_asr import distributed
-from lmu_asr.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from lmu_asr.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint
 from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
@@ -159,9 +159,7 @@ def final_evaluation(
     """The best checkpoint on dev and test: greedy, and (trainer.final_lm) lexicon-constrained
     beam search with a word bigram LM built from the training transcripts."""
     if state.best_step >= 0 and state.best_step != state.step:
-        model.load_state_dict(
-            load_checkpoint(run_dir / "checkpoints" / f"step-{state.best_step:08d}")["model"]
-        )
+        model.load_state_dict(load_checkpoint(checkpoint_dir(run_dir, state.best_step))["model"])
     decoders = {"greedy": make_decoder("greedy")}
     if cfg.trainer.final_lm:
         if env.is_main:
@@ -181,8 +179,9 @@ def final_evaluation(
             }
             rows.append((f"{split} {name}", totals))
     if env.is_main:
-        print(format_table(rows), flush=True)
-        (run_dir / "evaluation.txt").write_text(format_table(rows) + "\n")
+        table = format_table(rows)
+        print(table, flush=True)
+        (run_dir / "evaluation.txt").write_text(table + "\n")
     tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
     return results
 
@@ -207,7 +206,7 @@ def resolve_checkpoint(path: Path) -> Path:
                                 "or a checkpoints/step-XXXXXXXX folder)")  # fmt: skip
     state = TrainState()
     state.load_state_dict(load_checkpoint(latest)["train_state"])
-    best = path / "checkpoints" / f"step-{state.best_step:08d}"
+    best = checkpoint_dir(path, state.best_step)
     return best if (best / "COMPLETE").exists() else latest
 
 

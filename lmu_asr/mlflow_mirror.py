@@ -36,6 +36,17 @@ _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}  # sending again will not
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
+def use_short_retries() -> None:
+    """MLflow's HTTP retries as CLIENT_ENV says, unless the user has set them."""
+    for k, v in CLIENT_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI of a tracking server; None for a local store."""
+    return f"{uri}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else None
+
+
 def read_state(run_dir: Path) -> dict:
     path = Path(run_dir) / STATE_NAME
     return json.loads(path.read_text()) if path.exists() else {}
@@ -80,8 +91,7 @@ class MlflowMirror:
         on_start: Callable[[Any, str], None] | None = None,
         on_end: Callable[[Any, str], None] | None = None,
     ) -> None:
-        for k, v in CLIENT_ENV.items():
-            os.environ.setdefault(k, v)
+        use_short_retries()
         self.uri, self.experiment, self.run_dir = uri, experiment, Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.state = read_state(self.run_dir)
@@ -205,9 +215,8 @@ class MlflowMirror:
                 experiment = self.client.get_run(self._parent).info.experiment_id
             experiment = experiment or experiment_id(self.client, self.uri, self.experiment)
             run = self.client.create_run(experiment, run_name=self._run_name, tags=tags)
-            url = f"{self.uri}/#/experiments/{experiment}/runs/{run.info.run_id}"
             self.state |= {"experiment_id": experiment, "run_id": run.info.run_id}
-            self.state["url"] = url if self.uri.startswith("http") else None
+            self.state["url"] = run_url(self.uri, experiment, run.info.run_id)
             self._save_state()
         todo = [Param(k, v) for k, v in self._params.items() if k not in logged]
         for i in range(0, len(todo), MAX_PARAMS_PER_BATCH):
@@ -228,7 +237,7 @@ class MlflowMirror:
             f.seek(self.state["offset"])
             data = f.read()
         end = data.rfind(b"\n") + 1  # a line being written is sent next time
-        offset, lines = self.state["offset"], []
+        offset, lines, n = self.state["offset"], [], 0
         for raw in data[:end].splitlines(keepends=True):
             try:
                 row = json.loads(raw)
@@ -239,11 +248,12 @@ class MlflowMirror:
                 for k, v in row.items()
                 if k not in ("step", "time")
             ]
-            if lines and sum(map(len, lines)) + len(metrics) > MAX_METRICS_PER_BATCH:
+            if lines and n + len(metrics) > MAX_METRICS_PER_BATCH:
                 self._send_lines(lines)
                 self._advance(offset)
-                lines = []
+                lines, n = [], 0
             lines.append(metrics)
+            n += len(metrics)
             offset += len(raw)
         self._send_lines(lines)
         self._advance(offset)

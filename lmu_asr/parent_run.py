@@ -64,12 +64,11 @@ class ParentRun(Callback):
             return
         from mlflow import MlflowClient  # seconds to import: only when tracking
 
-        from lmu_asr.mlflow_mirror import CLIENT_ENV, experiment_id
+        from lmu_asr.mlflow_mirror import experiment_id, run_url, use_short_retries
         from lmu_asr.tracking import git_commit, resolve_uri
 
         uri = resolve_uri(tracking.uri)
-        for k, v in CLIENT_ENV.items():  # a down server costs seconds, not MLflow's minutes
-            os.environ.setdefault(k, v)
+        use_short_retries()  # a down server costs seconds, not MLflow's minutes
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         try:
             self.client = MlflowClient(tracking_uri=uri)
@@ -83,9 +82,8 @@ class ParentRun(Callback):
             return
         self.run_id = run.info.run_id
         os.environ[ENV_VAR] = self.run_id
-        url = f"{uri}/#/experiments/{experiment}/runs/{self.run_id}"
         record = {"uri": uri, "experiment_id": experiment, "run_id": self.run_id}
-        record["url"] = url if uri.startswith("http") else None
+        record["url"] = run_url(uri, experiment, self.run_id)
         _update_sweep_json(sweep_dir, {"mlflow": record})
         log.info("MLflow parent run %s (%s)", self.run_id, record["url"] or uri)
         swept = config.hydra.sweeper.get("params")  # None for a sweep of command-line values

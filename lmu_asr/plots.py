@@ -7,8 +7,6 @@ plotting changes no global state and is safe inside a training process.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import textwrap
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from torch import Tensor
 from lmu_asr.decode import greedy_decode
 from lmu_asr.model import SelfAttention, SpeechRecognizer
 from lmu_asr.text import BLANK, VOCAB
+from lmu_asr.tracking import read_jsonl
 
 DPI = 100
 LOG_PROB_FLOOR = -15.0  # colour scale of the posteriogram; anything less likely looks the same
@@ -31,12 +30,10 @@ def read_metrics(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
     """metric -> [(step, value)] sorted by step, from metrics.jsonl. Lines that are not JSON (the
     half line of a killed job) and null (non-finite) values are skipped."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, int | float) and math.isfinite(v):
-                    series.setdefault(k, []).append((int(row["step"]), float(v)))
+    for row in read_jsonl(metrics_jsonl):
+        for k, v in row.items():
+            if k not in ("step", "time") and isinstance(v, int | float) and math.isfinite(v):
+                series.setdefault(k, []).append((int(row["step"]), float(v)))
     return {k: sorted(points) for k, points in series.items()}
 
 

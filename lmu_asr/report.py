@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmu_asr.checkpoint import checkpoint_dir
 from lmu_asr.plots import learning_curves, utterance_plots
 from lmu_asr.speech_dataset import Item
 
@@ -44,7 +45,7 @@ def write_report(
 
 
 def _best_model(run_dir: Path, best_step: int, out: Path) -> list[Path]:
-    folder = run_dir / "checkpoints" / f"step-{best_step:08d}"
+    folder = checkpoint_dir(run_dir, best_step)
     if best_step < 0 or not (folder / "meta.json").exists():
         return []
     meta = json.loads((folder / "meta.json").read_text())

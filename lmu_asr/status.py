@@ -9,7 +9,6 @@ whatever the jobs did; 2 when the path is neither a sweep nor a run directory.""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import subprocess
@@ -20,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from lmu_asr.tracking import read_jsonl
 
 SLURM_TIMEOUT_S = 5.0  # sacct and squeue together; without a config or controller they retry 60 s
 FAILED = {"FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "TIMEOUT", "BOOT_FAIL",
@@ -54,15 +55,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):  # the half line of a killed job
-                rows.append(json.loads(line))
-    return rows
-
-
 def _trainer(config_yaml: Path) -> dict:
     """The `trainer` group of a Hydra config file; {} if there is none."""
     if not config_yaml.exists():
@@ -90,7 +82,7 @@ def find_jobs(path: Path) -> tuple[Path | None, dict, list[tuple[JobRow, list[st
     if path.is_dir() and _is_run_dir(path):
         parent = _read_json(path.parent / "sweep.json") or {"jobs": []}
         entry = next((j for j in parent["jobs"] if str(j["num"]) == path.name), {})
-        starts = [e for e in _jsonl(path / "lifecycle.jsonl") if e.get("event") == "start"]
+        starts = [e for e in read_jsonl(path / "lifecycle.jsonl") if e.get("event") == "start"]
         job_id = entry.get("slurm_job_id") or (starts[-1].get("slurm_job_id") if starts else None)
         return (path.parent if entry else None), {}, [(JobRow(path.name, str(path), job_id), [])]
     raise ValueError(
@@ -146,12 +138,12 @@ def fill(row: JobRow, overrides: list[str], sweep_dir: Path | None, slurm: dict)
     """Everything the run directory and SLURM say about the job."""
     run_dir = Path(row.run_dir)
     row.slurm_state, row.exit_code = slurm.get(row.slurm_job_id, ("unknown", None))
-    events = _jsonl(run_dir / "lifecycle.jsonl")
+    events = read_jsonl(run_dir / "lifecycle.jsonl")
     starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
     this_start = starts[-1] if starts else 0
     row.restarts = max(len(starts) - 1, 0)
     row.stops = dict(Counter(e.get("reason") for e in events[:this_start] if "reason" in e))
-    metrics = _jsonl(run_dir / "metrics.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     results = _read_json(run_dir / "results.json") or {}
     steps = [r.get("step") for r in events + metrics] + [results.get("steps")]
     row.step = max((s for s in steps if isinstance(s, int)), default=None)

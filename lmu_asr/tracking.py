@@ -71,6 +71,17 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file a job may have been killed while writing: [] if there is none;
+    a line that is not JSON (the half line of a killed job) is left out."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
 class JsonlSink:
     """Appends flushed `{"step", "time", **metrics}` lines; non-finite values become null.
 
@@ -81,12 +92,9 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.logged: dict[str, int] = {}  # metric -> the last step it was written at
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(ValueError):  # the half line of a killed job
-                    row = json.loads(line)
-                    for k in row.keys() - {"step", "time"}:
-                        self.logged[k] = max(self.logged.get(k, -1), row["step"])
+        for row in read_jsonl(self.path):
+            for k in row.keys() - {"step", "time"}:
+                self.logged[k] = max(self.logged.get(k, -1), row["step"])
         self._f = open(self.path, "a+b")  # noqa: SIM115 (kept open for the whole run)
         if self._f.tell() > 0:  # a killed job may have left half a line: start a new one
             self._f.seek(-1, os.SEEK_END)
@@ -154,7 +162,6 @@ class Tracker:
     ) -> None:
         run_dir = Path(run_dir)
         self._run_id = run_id
-        self.parent = cfg.parent_run_id
         self.jsonl: JsonlSink | None = None
         self.mlflow: MlflowMirror | None = None
         if rank != 0:
@@ -240,26 +247,22 @@ def sync(run_dir: Path) -> int:
         with contextlib.suppress(Exception):  # interpolations that no longer resolve
             params = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     mirror = mirror_for(cfg, run_dir, params, {})
-    if not mirror.sync_once():
-        print(f"{run_dir}: MLflow at {cfg.uri} unreachable: {mirror.last_error}")
-        return 1
     status = ended_status(run_dir)
-    if not mirror.close(status):
+    if not mirror.close(status):  # sends what is left, then ends the run
+        print(f"{run_dir}: MLflow at {cfg.uri} unreachable: {mirror.last_error}")
         return 1
     print(f"{run_dir}: sent to run {mirror.run_id}" + (f", marked {status}" if status else ""))
     return 0
 
 
 def ended_status(run_dir: Path) -> str | None:
-    """FINISHED / FAILED / KILLED if the run directory's job has ended, else None."""
+    """FINISHED if the run directory's job has finished, FAILED if it failed, else None (it
+    runs, or stopped and may come back)."""
     if (run_dir / "results.json").exists():
         return "FINISHED"
-    path = run_dir / "lifecycle.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    last = json.loads(lines[-1]) if lines else {}
-    if last.get("event") != "stop":
-        return None
-    return "FAILED" if last.get("reason") == "failed" else None
+    events = read_jsonl(run_dir / "lifecycle.jsonl")
+    last = events[-1] if events else {}
+    return "FAILED" if last.get("event") == "stop" and last.get("reason") == "failed" else None
 
 
 def main(argv: list[str] | None = None) -> int:
