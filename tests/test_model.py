@@ -3,7 +3,9 @@ import torch
 from omegaconf import OmegaConf
 
 from lmu_asr.config import CONF_DIR
-from lmu_asr.model import Encoder, ModelConfig, reverse_padded
+from lmu_asr.features import FeatureConfig
+from lmu_asr.model import Encoder, ModelConfig, SpeechRecognizer, reverse_padded
+from lmu_asr.speech_dataset import encoder_frames
 from lmu_asr.text import VOCAB
 
 
@@ -24,16 +26,32 @@ def test_presets_sizes():
     assert 1_000_000 < small < n_params(Encoder(base, 80))
 
 
+# Unpadded 3x3 convolutions with stride 2: floor((n - 3) / 2) + 1 = (n - 1) // 2 frames per halving.
+# Frames 101, 60, 9 -> 2x: 50, 29, 4 -> 4x: 24, 14, 1.
+EXPECTED_LENGTHS = {1: [101, 60, 9], 2: [50, 29, 4], 4: [24, 14, 1]}
+
+
 @pytest.mark.parametrize("subsampling", [1, 2, 4])
 def test_output_shapes_and_lengths(subsampling):
     torch.manual_seed(0)
     enc = Encoder(preset("lmu_tiny", subsampling=subsampling), 80).eval()
     feats, lens = torch.randn(3, 101, 80), torch.tensor([101, 60, 9])
     log_probs, out_lens = enc(feats, lens)
-    assert log_probs.shape[0] == 3 and log_probs.shape[2] == len(VOCAB)
-    assert out_lens.tolist() == enc.subsample.output_lengths(lens).tolist()
-    assert out_lens[0] == log_probs.shape[1]
+    expected = EXPECTED_LENGTHS[subsampling]
+    assert log_probs.shape == (3, expected[0], len(VOCAB))
+    assert out_lens.tolist() == expected
+    # the CTC feasibility check of the data pipeline counts the same frames
+    assert [encoder_frames(n, subsampling) for n in (101, 60, 9)] == expected
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_waveform_to_log_probs_lengths():
+    """Samples -> 10-ms frames (samples // 160 + 1, centred) -> 4x subsampling."""
+    model = SpeechRecognizer(preset("lmu_tiny"), FeatureConfig()).eval()
+    wav_lens = torch.tensor([16000, 9999, 4321])  # frames 101, 63, 28
+    log_probs, out_lens = model(torch.randn(3, 16000) * 0.1, wav_lens)
+    assert out_lens.tolist() == [24, 15, 6]
+    assert log_probs.shape == (3, 24, len(VOCAB))
 
 
 @pytest.mark.parametrize(
