@@ -118,6 +118,27 @@ def test_load_split_manifest_maps_splits(audio_files):
 # --- dataset: decoding -----------------------------------------------------------------------
 
 
+def spectrum(wav: torch.Tensor, rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+    """(frequencies in Hz, amplitude of each) of a Hann-windowed signal; a sine of amplitude a
+    shows as a peak of height a."""
+    x = wav.numpy().astype(np.float64)
+    window = np.hanning(len(x))
+    amplitude = 2 * np.abs(np.fft.rfft(x * window)) / window.sum()
+    return np.fft.rfftfreq(len(x), 1 / rate), amplitude
+
+
+def peaks(wav: torch.Tensor, n: int = 1) -> list[tuple[float, float]]:
+    """The n strongest (frequency, amplitude) peaks, at least 50 Hz apart, lowest first."""
+    freqs, amp = spectrum(wav)
+    found: list[tuple[float, float]] = []
+    for i in np.argsort(amp)[::-1]:
+        if all(abs(freqs[i] - f) > 50 for f, _ in found):
+            found.append((float(freqs[i]), float(amp[i])))
+        if len(found) == n:
+            break
+    return sorted(found)
+
+
 @pytest.mark.parametrize("name", list(AUDIO_FILES))
 def test_dataset_decodes_each_format_to_16k_mono(audio_files, name):
     _, seconds, *_, text = AUDIO_FILES[name]
@@ -127,6 +148,23 @@ def test_dataset_decodes_each_format_to_16k_mono(audio_files, name):
     assert item.wav.dtype == torch.float32 and item.wav.ndim == 1
     assert abs(len(item.wav) - seconds * 16000) <= 16000 * 0.01  # resampled, codec delay
     assert item.tokens.tolist() == encode("some words")
+    # the signal itself: the 220 Hz tone of amplitude 0.3 (conftest.tone) at 16 kHz; read at
+    # the wrong rate, 22.05 / 48 kHz would show it at 160 / 73 Hz
+    ((freq, amplitude),) = peaks(item.wav)
+    assert freq == pytest.approx(220, abs=2)
+    assert amplitude == pytest.approx(0.3, rel=0.1)
+
+
+def test_stereo_is_mixed_down_to_the_mean_of_its_channels(tmp_path):
+    left, right = tone(1.0, 44100, freq=300), tone(1.0, 44100, freq=1000)
+    path = tmp_path / "stereo.flac"
+    soundfile.write(path, np.stack([left, right], axis=1), 44100)
+    wav = SpeechDataset([Utterance("s", str(path), "two tones", 1.0)])[0].wav
+    assert len(wav) == 16000
+    (f1, a1), (f2, a2) = peaks(wav, 2)
+    assert (f1, f2) == (pytest.approx(300, abs=2), pytest.approx(1000, abs=2))
+    # each channel's 0.3 halved: the mean, neither one channel alone nor the sum
+    assert (a1, a2) == (pytest.approx(0.15, rel=0.1), pytest.approx(0.15, rel=0.1))
 
 
 def test_dataset_decodes_bytes(audio_files):
