@@ -295,6 +295,8 @@ def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
         for k, v in now[group].items()
         if k not in runtime and saved[group].get(k) != v
     }
+    if saved.get("sample_rate") != now["sample_rate"]:  # the frontend's window and filterbank
+        diff["data.sample_rate"] = (saved.get("sample_rate"), now["sample_rate"])
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} != config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(

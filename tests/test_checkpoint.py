@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,15 @@ from lmu_asr.checkpoint import (
     MARKER,
     CheckpointConfig,
     CheckpointError,
+    check_architecture,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_latest,
+    model_config,
     save_checkpoint,
 )
+from lmu_asr.config import Config
 from lmu_asr.state import TrainState
 
 
@@ -50,6 +54,43 @@ def test_config_validation():
         CheckpointConfig(keep_last=0)
     with pytest.raises(ValueError, match="every_steps.*-1"):
         CheckpointConfig(every_steps=-1)
+
+
+# What a resumed run may change: regularisation and memory-saving settings, not the weights'
+# shapes or what they mean. Every other model / features field, and the sample rate, is refused.
+MAY_CHANGE = {"model.name", "model.dropout", "model.activation_checkpointing"}
+MAY_CHANGE |= {f"features.{k}" for k in ("freq_masks", "freq_width", "time_masks", "time_width")}
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    return f"{value}-changed"
+
+
+def test_resume_architecture_check_field_by_field(tmp_path):
+    saved = model_config(Config())
+    check_architecture(saved, Config(), tmp_path)  # the same config resumes
+    fields_ = [(group, f.name) for group in ("model", "features", "data")
+               for f in fields(getattr(Config(), group))]  # fmt: skip
+    refused, allowed = set(), set()
+    for group, name in fields_:
+        if group == "data" and name != "sample_rate":
+            continue  # where the data comes from is not part of the model
+        cfg = Config()
+        old = getattr(getattr(cfg, group), name)
+        setattr(getattr(cfg, group), name, new := _changed(old))
+        try:
+            check_architecture(saved, cfg, tmp_path / "step-00000007")
+            allowed.add(f"{group}.{name}")
+        except ValueError as err:
+            refused.add(f"{group}.{name}")
+            assert f"{group}.{name}: checkpoint {old!r} != config {new!r}" in str(err)
+            assert str(err).startswith(f"refusing to resume from {tmp_path / 'step-00000007'}")
+    assert allowed == MAY_CHANGE
+    assert "model.order" in refused and "features.n_mels" in refused and len(refused) > 20
 
 
 def test_round_trip_model_optimizer_train_state_and_rng(tmp_path):
