@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-time (idempotent) set-up: Debian packages, .venv/ with lmu_asr and its dev tools.
+# One-time (idempotent) set-up: Debian packages, .venv/ with lmu_asr, its dev tools and
+# JupyterLab for the demo notebook.
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv/ (a few minutes the first time)"
   log=.venv/pip-install.log
   if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -c scripts/constraints.txt -e ".[dev]"; } >"$log" 2>&1; then
+         .venv/bin/python -m pip install -c scripts/constraints.txt -e ".[dev,notebook]"; } >"$log" 2>&1; then
     tail -n 40 "$log"
     echo "setup: pip install failed; the whole log is in $log" >&2
     exit 1
