@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmu_asr.checkpoint import checkpoint_dir
-from lmu_asr.plots import learning_curves, utterance_plots
 from lmu_asr.speech_dataset import Item
 
 if TYPE_CHECKING:
@@ -28,6 +27,8 @@ def write_report(
     """The resolved config, the best model's path and checksum (the file too when small),
     learning curves, and the attention map and CTC posteriogram of the first readable dev
     utterance (a fixed one, so runs compare). Returns the files to log as artifacts."""
+    from lmu_asr.plots import learning_curves, utterance_plots  # matplotlib: ~1 s to import
+
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     config = out / "config.json"
