@@ -89,3 +89,19 @@ def test_markdown_tables_from_saved_records(tmp_path):
         subprocess.run(cli, capture_output=True, text=True, check=True).stdout.strip()
         == text.strip()
     )
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_orchestration_on_the_cluster(slurm_cluster, capsys, monkeypatch):
+    """launch -m of a 2-job sweep, sbatch to the first step, requeue to the resumed step: once
+    each on the session's cluster (the bench's own cluster start is what `dev-cluster.sh up`
+    does for every SLURM test)."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    main(["orchestration", "--repeats", "1", "--jobs", "2"])
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {"launch_m_returns", "sbatch_to_first_step", "requeue_to_resumed_step"}
+    for r in rows.values():
+        assert 0 < r["median"] < 120, r
+    assert rows["launch_m_returns"]["config"]["jobs"] == 2
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""  # the bench cancelled its jobs

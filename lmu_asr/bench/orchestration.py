@@ -78,11 +78,23 @@ def _launch_returns(args: argparse.Namespace, env: dict, tmp: Path) -> Measureme
         found = re.search(rf"Submitted SLURM job array (\d+) \({args.jobs} jobs\)", out)
         if not found:
             raise RuntimeError(f"launch -m did not submit {args.jobs} jobs:\n{out}")
-        _run(["scancel", found.group(1)], env)
+        _cancel(env, found.group(1))
     m = Measurement("launch_m_returns", "s", secs, {"jobs": args.jobs, "tracking": "off"})
     m.bar, m.met = "<= 5", m.median <= 5
     m.note = "from the command's start to its return, the array queued (Python start-up included)"
     return m
+
+
+def _cancel(env: dict, job: str) -> None:
+    """scancel, then wait until the job (or array) has left the queue: a cancelled job still
+    saves a checkpoint into its run directory on the way out."""
+    _run(["scancel", job], env)
+
+    def queued() -> bool:  # squeue fails once SLURM has forgotten the job: gone too
+        out = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True)
+        return out.returncode == 0 and bool(out.stdout.strip())
+
+    _wait(lambda: not queued(), f"job {job} to end", 120)
 
 
 def _sbatch(env: dict, run_dir: Path, *overrides: str) -> str:
@@ -112,7 +124,7 @@ def _sbatch_to_first_step(args: argparse.Namespace, env: dict, tmp: Path) -> Mea
         job = _sbatch(env, run_dir, "trainer.max_steps=1000", "trainer.eval_every=1000")
         _wait(lambda run_dir=run_dir: _rows(run_dir / "metrics.jsonl"), f"job {job}'s first step")
         secs.append(_rows(run_dir / "metrics.jsonl")[0]["time"] - t0)
-        _run(["scancel", job], env)
+        _cancel(env, job)
     m = Measurement("sbatch_to_first_step", "s", secs, {"model": "lmu_tiny", "ranks": 1})
     m.note = "sbatch to the first training step's metrics (scheduling, Python, data, model)"
     return m
@@ -141,7 +153,7 @@ def _requeue_to_resumed_step(args: argparse.Namespace, env: dict, tmp: Path) -> 
             _wait(lambda stop=stop: step_after(stop), f"job {job}'s first resumed step")
             secs.append(step_after(stop)[0]["time"] - stop["time"])
     finally:
-        _run(["scancel", job], env)
+        _cancel(env, job)
     m = Measurement("requeue_to_resumed_step", "s", secs, {"model": "lmu_tiny", "ranks": 1})
     m.bar, m.met = "<= 15", m.median <= 15
     m.note = "scontrol requeue: the job saves and stops, SLURM requeues it; stop -> next step"
