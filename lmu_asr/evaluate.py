@@ -55,6 +55,7 @@ def split_loader(
         max_duration=cfg.data.max_duration,
         strict=cfg.data.strict,
         subsampling=cfg.model.subsampling,
+        hop_ms=cfg.features.hop_ms,
     )
     frames = [int(u.duration * 1000 / cfg.features.hop_ms) + 1 for u in utts]
     sampler = BucketBatchSampler(

@@ -70,6 +70,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         max_duration: float = 20.0,
         strict: bool = False,
         subsampling: int = 4,
+        hop_ms: float = 10.0,
     ) -> None:
         if subsampling not in (1, 2, 4):
             raise ValueError(f"subsampling must be 1, 2 or 4, got {subsampling}")
@@ -78,6 +79,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.max_duration = max_duration
         self.strict = strict
         self.subsampling = subsampling
+        self.hop = round(sample_rate * hop_ms / 1000)  # samples per feature frame, as LogMel's
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -109,7 +111,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         if wav.numel() > self.max_duration * self.sample_rate:
             seconds = wav.numel() / self.sample_rate
             raise _Bad("too long", f"{seconds:.2f} s > max_duration {self.max_duration} s")
-        available = encoder_frames(wav.numel() // (self.sample_rate // 100) + 1, self.subsampling)
+        available = encoder_frames(wav.numel() // self.hop + 1, self.subsampling)
         needed = len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
         if needed > available:
             raise _Bad(
