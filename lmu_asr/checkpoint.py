@@ -209,11 +209,8 @@ def _writer_is_dead(folder: Path, host: str, pid: int) -> bool:
 def _prune(root: Path, saved: Path, keep_last: int, best_step: int | None) -> None:
     """Keep the last `keep_last` complete checkpoints, `best_step`'s and the one just saved;
     remove incomplete step folders and the leftovers of dead writers."""
-    done = list_checkpoints(root.parent)
-    keep = {saved, *done[-keep_last:]}
-    if best_step is not None and best_step >= 0:
-        keep.add(checkpoint_dir(root.parent, best_step))
-    for p in root.iterdir():
+    # first the leftovers, so that a restored checkpoint counts among the ones to keep
+    for p in list(root.iterdir()):
         m = _WRITER_DIR.match(p.name)
         if m and _writer_is_dead(p, m.group(3), int(m.group(4))):
             final = root / f"step-{m.group(2)}"
@@ -223,7 +220,12 @@ def _prune(root: Path, saved: Path, keep_last: int, best_step: int | None) -> No
                 os.rename(p, final)
             else:
                 shutil.rmtree(p, ignore_errors=True)
-        elif _STEP_DIR.match(p.name) and p not in keep:
+    done = list_checkpoints(root.parent)
+    keep = {saved, *done[-keep_last:]}
+    if best_step is not None and best_step >= 0:
+        keep.add(checkpoint_dir(root.parent, best_step))
+    for p in root.iterdir():
+        if _STEP_DIR.match(p.name) and p not in keep:
             log.debug("removing checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
 
