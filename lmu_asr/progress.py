@@ -35,7 +35,7 @@ class Progress:
 
     def report(self, step: int, epoch: int, elapsed_s: float, lr: float, gnorm: float) -> dict:
         finite = [x for x in self.losses if math.isfinite(x)]
-        loss = sum(finite) / max(len(finite), 1)
+        loss = sum(finite) / len(finite) if finite else math.nan  # not 0: all were skipped
         seconds = max(time.monotonic() - self.t0, 1e-9)
         speed = self.audio_s * self.world_size / seconds  # ranks see equal shares
         eta = min((self.max_steps - step) * seconds / max(len(self.losses), 1),
