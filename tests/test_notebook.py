@@ -15,9 +15,9 @@ from nbclient import NotebookClient
 from lmu_asr.config import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "lmu_asr_demo.ipynb"
-TINY = ["model=lmu_tiny", "data.corpus_train=48", "data.corpus_dev=8", "data.corpus_test=8"]
+TINY = ["model=lmu_tiny", "data.corpus_train=24", "data.corpus_dev=4", "data.corpus_test=4"]
 TINY += ["data.num_workers=0", "data.max_frames=3000", "trainer.threads=1", "trainer.log_every=5"]
-TINY += ["trainer.max_minutes=0", "trainer.max_steps=40", "trainer.eval_every=20", "tracking=off"]
+TINY += ["trainer.max_minutes=0", "trainer.max_steps=20", "trainer.eval_every=10", "tracking=off"]
 FIGURES = 9  # spectrograms, delay, paths, curves, attention (mean, heads), posteriogram, memory x2
 
 
@@ -58,7 +58,7 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_configuration(tmp_path):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     # it trained the tiny run it was given (not a demo run found on this machine)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "finished" and results["steps"] == 40
+    assert results["status"] == "finished" and results["steps"] == 20
     assert 0 <= results["test_cer"] <= 2 and "test_wer_lm" in results
 
     pngs = outputs(nb, "image/png")
@@ -73,4 +73,4 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_configuration(tmp_path):
     assert "test greedy" in text and "test lm" in text  # the evaluation table
     worst = [h for h in outputs(nb, "text/html") if "<table" in h]
     assert len(worst) == 1 and "reference" in worst[0] and "+ LM" in worst[0]
-    assert text.count("REF:") >= 5  # the worst utterances' word alignments
+    assert text.count("REF:") == 4  # the word alignments of the (4) worst test utterances
