@@ -19,6 +19,9 @@ from lmu_asr.model import SpeechRecognizer
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lmu_small", help="conf/model preset (random weights)")
     p.add_argument("--checkpoint", type=Path, help="a run directory or step folder instead")
+    p.add_argument("--manifest", type=Path,
+                   help="real audio: the first --utts utterances of this JSON-lines manifest "
+                   "(default: noise of --utt-seconds)")  # fmt: skip
     p.add_argument("--utts", type=int, default=16)
     p.add_argument("--utt-seconds", type=float, default=4.0)
     p.add_argument("--beam-size", type=int, default=16)
@@ -37,15 +40,14 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Measurement]:
         features = FeatureConfig(**yaml.safe_load((CONF / "features" / "default.yaml").read_text()))
         model = SpeechRecognizer(model_config(args.model), features).to(device).eval()
         which = f"{args.model}, random weights"
-    g = torch.Generator().manual_seed(0)
-    S = int(args.utt_seconds * 16000)
-    wav = (0.1 * torch.randn(args.utts, S, generator=g)).to(device)
-    lens = torch.full((args.utts,), S, device=device)
-    audio_s = args.utts * args.utt_seconds
+    wav, lens = _audio(args)
+    wav, lens = wav.to(device), lens.to(device)
+    audio_s = lens.sum().item() / 16000
     with torch.no_grad():
         log_probs, out_lens = model(wav, lens)
     beam = BeamSearchDecoder(BeamConfig(beam_size=args.beam_size))
-    config = {"model": which, "utterances": f"{args.utts} x {args.utt_seconds:g} s"}
+    what = str(args.manifest) if args.manifest else f"noise, {args.utt_seconds:g} s each"
+    config = {"model": which, "audio": f"{len(lens)} utterances ({what}), {audio_s:.0f} s"}
     config |= {"device": device.type, "threads": torch.get_num_threads()}
 
     @torch.no_grad()
@@ -66,6 +68,20 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Measurement]:
         out.append(m)
     out += [_lmu_step(name, args.frames, args.repeats, device) for name in args.stream_models]
     return out
+
+
+def _audio(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) waveforms at 16 kHz, right-padded, and their lengths."""
+    if args.manifest:
+        from lmu_asr.data import read_manifest
+        from lmu_asr.speech_dataset import read_audio
+
+        waves = [read_audio(u.audio) for u in read_manifest(args.manifest)[: args.utts]]
+    else:
+        g = torch.Generator().manual_seed(0)
+        waves = [0.1 * torch.randn(int(args.utt_seconds * 16000), generator=g)] * args.utts
+    lens = torch.tensor([len(w) for w in waves])
+    return torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lens
 
 
 def _lmu_step(name: str, frames: int, repeats: int, device: torch.device) -> Measurement:
