@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,35 +142,65 @@ def load_split(cfg: DataConfig, split: str) -> list[Utterance]:
 def read_manifest(
     path: str | Path, rule: Callable[[str], str | None] = normalize, strict: bool = False
 ) -> list[Utterance]:
-    """Utterances of a JSON-lines manifest; `rule` normalises text (None drops the utterance)."""
+    """Utterances of a JSON-lines manifest; `rule` normalises text (None drops the utterance).
+
+    Audio paths may lie outside the manifest's folder ("../audio/x.wav", absolute paths): shared
+    datasets often keep manifests apart from the audio. Relative ones that climb out with ".."
+    get one warning, as they break when the manifest alone is copied elsewhere."""
     path = Path(path)
-    utts, dropped = [], 0
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist (or is not a file)")
+    utts, dropped, outside = [], 0, []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from None
-            for key in ("audio", "text"):
-                if not isinstance(row, dict) or key not in row:
-                    raise ValueError(f"{where}: missing key {key!r}")
-            text = rule(str(row["text"]))
-            if text is None:
-                dropped += 1
-                continue
-            audio = str(path.parent / row["audio"])  # an absolute path stays as it is
-            duration = row.get("duration")
-            if duration is None:
-                duration = _duration(audio, where if strict else None)
-            elif not isinstance(duration, (int, float)):
-                raise ValueError(f"{where}: duration must be a number of seconds, got {duration!r}")
-            utts.append(Utterance(str(row.get("id", row["audio"])), audio, text, float(duration)))
+            if line.strip():
+                row = _manifest_row(line, f"{path}:{lineno}")
+                text = rule(row["text"])
+                if text is None:
+                    dropped += 1
+                    continue
+                audio = str(path.parent / row["audio"])  # an absolute path stays as it is
+                if ".." in Path(row["audio"]).parts and not Path(row["audio"]).is_absolute():
+                    outside.append(f"{row['audio']} -> {os.path.normpath(audio)}")
+                duration = row.get("duration")
+                if duration is None:
+                    duration = _duration(audio, f"{path}:{lineno}" if strict else None)
+                utt_id = str(row.get("id", row["audio"]))
+                utts.append(Utterance(utt_id, audio, text, float(duration)))
     if dropped:
         log.info("%s: dropped %d utterances with garbage tags", path, dropped)
+    if outside:
+        log.warning(
+            "%s: %d audio paths climb out of the manifest's folder, resolved from it (first: %s);"
+            " keep the audio next to the manifest if you move it",
+            *(path, len(outside), outside[0]),
+        )
     return utts
+
+
+def _manifest_row(line: str, where: str) -> dict:
+    """One manifest line -> its checked JSON object; ValueError naming file:line otherwise."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        if not line.endswith("\n"):  # only the last line can lack its newline
+            raise ValueError(
+                f"{where}: the last line is cut short ({err}): the manifest was not written to "
+                "the end; write it again or delete that line"
+            ) from None
+        raise ValueError(f"{where}: not valid JSON ({err}); fix or delete that line") from None
+    for key in ("audio", "text"):
+        if not isinstance(row, dict) or key not in row:
+            raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(row[key], str) or (key == "audio" and not row[key]):
+            kind = "a non-empty string" if key == "audio" else "a string"
+            raise ValueError(f"{where}: {key!r} must be {kind}, got {row[key]!r}")
+    duration = row.get("duration")
+    if duration is not None and (
+        isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0
+    ):
+        raise ValueError(f"{where}: duration must be a number of seconds, got {duration!r}")
+    return row
 
 
 def _duration(audio: str | bytes | HFAudio, strict_where: str | None = None) -> float:

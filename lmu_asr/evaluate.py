@@ -2,9 +2,12 @@
 
     python -m lmu_asr.evaluate checkpoint=RUN_DIR_OR_STEP_DIR [data=manifest data.manifest=F.jsonl]
         [split=train|dev|test] [decoder=greedy|beam] [beam.beam_size=16]
-        [scoring=plain|gigaspeech] [report=FILE.json]
+        [scoring=plain|gigaspeech] [report=FILE.json] [allow_skips=false]
 
 With data=manifest the file scored is data.manifest; otherwise split defaults to test.
+Every utterance is scored or accounted for: one that cannot be scored (unreadable audio, empty
+transcript, ...) fails the evaluation with a count per reason, unless allow_skips=true, which
+scores the rest and shows the skips in the table and the report. Nothing scored is an error.
 
 Any other `group.key=value` is a Hydra override of the data/features settings (conf/).
 The model's architecture and feature settings come from the checkpoint.
@@ -13,6 +16,9 @@ The model's architecture and feature settings come from the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -27,7 +33,15 @@ from tqdm import tqdm
 
 from lmu_asr import distributed
 from lmu_asr.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint
-from lmu_asr.data import BucketBatchSampler, SpeechDataset, load_split, make_loader
+from lmu_asr.data import (
+    SPLITS,
+    BucketBatchSampler,
+    SkipCounter,
+    SpeechDataset,
+    Utterance,
+    load_split,
+    make_loader,
+)
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
 from lmu_asr.lm import build_lm
@@ -41,6 +55,7 @@ if TYPE_CHECKING:
     from lmu_asr.config import Config
     from lmu_asr.model import SpeechRecognizer
 
+log = logging.getLogger(__name__)
 SCORING: dict[str, Callable[[str], str] | None] = {"plain": None, "gigaspeech": gigaspeech_scoring}
 
 
@@ -57,7 +72,9 @@ def split_loader(
         subsampling=cfg.model.subsampling,
         hop_ms=cfg.features.hop_ms,
     )
-    frames = [int(u.duration * 1000 / cfg.features.hop_ms) + 1 for u in utts]
+    # capped: one over max_frames is over max_duration too, and the dataset skips it as too long
+    frames = [min(int(u.duration * 1000 / cfg.features.hop_ms) + 1, cfg.data.max_frames)
+              for u in utts]  # fmt: skip
     sampler = BucketBatchSampler(
         frames,
         cfg.data.max_frames,
@@ -102,9 +119,9 @@ def evaluate_decoders(
     refs: dict[str, str] = {}
     hyps: dict[str, dict[str, str]] = {name: {} for name in decoders}
     losses: dict[str, tuple[float, int]] = {}  # id -> (CTC loss, target tokens)
-    skipped = 0
+    skipped: dict[str, str] = {}  # id -> reason
     for batch in tqdm(loader, desc="decoding", disable=not (progress and env.is_main)):
-        skipped += len(batch.skipped)
+        skipped |= dict(batch.skipped)
         if not len(batch.ids):
             continue
         batch = batch.to(device)
@@ -123,23 +140,71 @@ def evaluate_decoders(
         dist.all_gather_object(gathered, (refs, hyps, skipped, losses))
         refs = {k: v for r, *_ in gathered for k, v in r.items()}
         hyps = {name: {k: v for _, h, *_ in gathered for k, v in h[name].items()} for name in hyps}
-        skipped = sum(g[2] for g in gathered)
+        skipped = {k: v for _, _, s, _ in gathered for k, v in s.items()}
         losses = {k: v for *_, los in gathered for k, v in los.items()}
     loss = sum(x for x, _ in losses.values()) / max(sum(k for _, k in losses.values()), 1)
+    unscored = _account(loader.dataset.utts, refs, skipped)
     results = {}
     for name in decoders:
-        totals, rows = _score(refs, hyps[name], SCORING[scoring], skipped, env.is_main)
-        results[name] = (totals | {"loss": loss}, rows)  # loss: CTC per target token
+        totals, rows = _score(refs, hyps[name], SCORING[scoring], env.is_main)
+        results[name] = (totals | unscored | {"loss": loss}, rows)  # loss: CTC per target token
     return results
 
 
+def _account(utts: list[Utterance], refs: dict[str, str], skipped: dict[str, str]) -> dict:
+    """Every utterance not scored, with its reason: skipped by the dataset, a second one with an
+    id already used (scores are keyed by id), or (a bug) never decoded -> totals entries."""
+    rows, seen, where = [], set(), {}
+    for u in utts:
+        audio = u.audio if isinstance(u.audio, str) else f"<{type(u.audio).__name__}>"
+        if u.id in seen:
+            rows.append({"id": u.id, "reason": "duplicate id", "audio": audio})
+        elif u.id not in refs:
+            rows.append({"id": u.id, "reason": skipped.get(u.id, "not decoded"), "audio": audio})
+        seen.add(u.id)
+        where.setdefault(u.id, audio)
+    counter = SkipCounter()
+    counter.add((r["id"], r["reason"]) for r in rows)
+    return {
+        "skipped": counter.total,
+        "skipped_by_reason": dict(counter.counts.most_common()),
+        "skipped_first": [f"{i} ({where[i]})" for i in counter.first_ids],
+        "skipped_utterances": rows,
+    }
+
+
+def skip_summary(totals: dict) -> str:
+    """ "N of M utterances not scored: reason n, ... (first: id (audio), ...)"."""
+    n, total = totals["skipped"], totals["skipped"] + totals["utterances"]
+    reasons = ", ".join(f"{r} {k}" for r, k in totals["skipped_by_reason"].items())
+    more = ", ..." if n > len(totals["skipped_first"]) else ""
+    return f"{n} of {total} utterances not scored: {reasons} " + (
+        f"(first: {', '.join(totals['skipped_first'])}{more})"
+    )
+
+
+def check_scored(totals: dict, name: str, allow_skips: bool) -> None:
+    """ValueError when nothing was scored, or (unless `allow_skips`) anything was skipped."""
+    if not totals["utterances"]:
+        summary = skip_summary(totals) if totals["skipped"] else "it holds no utterance"
+        raise ValueError(f"{name}: nothing to score, {summary}")
+    if totals["skipped"] and not allow_skips:
+        raise ValueError(
+            f"{name}: {skip_summary(totals)}; fix or remove them, or pass allow_skips=true "
+            "to score the rest"
+        )
+
+
 def _score(
-    refs: dict[str, str], hyps: dict[str, str], transform, skipped: int, rows: bool
+    refs: dict[str, str], hyps: dict[str, str], transform, rows: bool
 ) -> tuple[dict, list[dict]]:
-    """(totals, per-utterance rows if `rows`) of hypotheses against references, by id."""
+    """(totals, per-utterance rows if `rows`) of hypotheses against references, by id; WER and
+    CER are NaN when there is nothing to score (0 % would claim a perfect model)."""
     ids = sorted(refs)
     totals = error_rates([refs[i] for i in ids], [hyps[i] for i in ids], transform)
-    totals |= {"utterances": len(ids), "skipped": skipped}
+    totals |= {"utterances": len(ids)}
+    if not ids:
+        totals |= {"wer": math.nan, "cer": math.nan}
     per_utt = []
     if rows:
         t = transform or (lambda s: s)
@@ -158,7 +223,11 @@ def final_evaluation(
     cfg: Config, run_dir: Path, model: SpeechRecognizer, env: DistEnv, state, tracker, train_texts
 ) -> dict:
     """The best checkpoint on dev and test: greedy, and (trainer.final_lm) lexicon-constrained
-    beam search with a word bigram LM built from the training transcripts."""
+    beam search with a word bigram LM built from the training transcripts.
+
+    A finished run is not failed over bad dev/test utterances: they are counted ({split}_skipped
+    in results.json, a warning, lines under the table in evaluation.txt), and a split with
+    nothing scored gets null WER/CER."""
     if state.best_step >= 0 and state.best_step != state.step:
         model.load_state_dict(load_checkpoint(checkpoint_dir(run_dir, state.best_step))["model"])
     decoders = {"greedy": make_decoder("greedy")}
@@ -174,27 +243,37 @@ def final_evaluation(
         loader = split_loader(cfg, split, env, train=False)[0]
         for name, (totals, _) in evaluate_decoders(model, loader, env, decoders).items():
             suffix = "" if name == "greedy" else f"_{name}"
+            scored = totals["utterances"] > 0
             results |= {
-                f"{split}_cer{suffix}": totals["cer"],
-                f"{split}_wer{suffix}": totals["wer"],
+                f"{split}_cer{suffix}": totals["cer"] if scored else None,
+                f"{split}_wer{suffix}": totals["wer"] if scored else None,
             }
             rows.append((f"{split} {name}", totals))
+        results[f"{split}_skipped"] = totals["skipped"]
+        if totals["skipped"] and env.is_main:
+            log.warning("final evaluation, %s: %s", split, skip_summary(totals))
     if env.is_main:
         table = format_table(rows)
         print(table, flush=True)
         (run_dir / "evaluation.txt").write_text(table + "\n")
-    tracker.log({f"final/{k}": v for k, v in results.items() if k != "best_step"}, state.step)
+    logged = {f"final/{k}": v for k, v in results.items() if v is not None and k != "best_step"}
+    tracker.log(logged, state.step)
     return results
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
+    """One line per scored set (utterances scored and skipped, words, WER, CER); under the
+    table, for each set with skips, how many per reason and the first ones."""
     w = max([len(name) for name, _ in rows] + [5]) + 2
-    lines = [f"{'split':<{w}}{'utts':>7}{'words':>8}{'WER':>9}{'CER':>9}"]
+    lines = [f"{'scored':<{w}}{'utts':>7}{'skipped':>9}{'words':>8}{'WER':>9}{'CER':>9}"]
+    notes = []
     for name, t in rows:
-        lines.append(
-            f"{name:<{w}}{t['utterances']:>7}{t['words']:>8}{t['wer']:>9.2%}{t['cer']:>9.2%}"
-        )
-    return "\n".join(lines)
+        rates = "".join(f"{t[k]:>9.2%}" if t["utterances"] else f"{'-':>9}" for k in ("wer", "cer"))
+        skipped = t.get("skipped", 0)
+        lines.append(f"{name:<{w}}{t['utterances']:>7}{skipped:>9}{t['words']:>8}{rates}")
+        if skipped:
+            notes.append(f"{name}: {skip_summary(t)}")
+    return "\n".join(lines + notes)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -227,8 +306,15 @@ def load_model(path: Path, device: torch.device) -> tuple[SpeechRecognizer, dict
 
 def beam_config(dotlist: list[str]) -> BeamConfig:
     """["beam_size=8", "lm=x.arpa", ...] -> a validated BeamConfig (unknown keys refused)."""
-    merged = OmegaConf.merge(OmegaConf.structured(BeamConfig), OmegaConf.from_dotlist(dotlist))
-    return OmegaConf.to_object(merged)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(BeamConfig), OmegaConf.from_dotlist(dotlist))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        keys = ", ".join(f"beam.{k}" for k in BeamConfig.__dataclass_fields__)
+        first = str(err).splitlines()[0]
+        raise ValueError(f"bad beam option in {dotlist}: {first} (options: {keys})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     own = {"checkpoint": None, "split": None, "decoder": "greedy", "scoring": "plain"}
-    own["report"] = None
+    own |= {"report": None, "allow_skips": "false"}
     overrides, beam_args = [], []
     for a in args:
         key, _, value = a.partition("=")
@@ -249,34 +335,49 @@ def main(argv: list[str] | None = None) -> None:
     beam = beam_config(beam_args)
     if not own["checkpoint"]:
         sys.exit("usage: python -m lmu_asr.evaluate checkpoint=PATH [data=...] [split=test] ...")
-    if own["scoring"] not in SCORING:
-        sys.exit(f"scoring must be one of {sorted(SCORING)}, got {own['scoring']!r}")
+    checks = {  # before the slow part: loading the model and the data
+        "scoring": (own["scoring"], tuple(SCORING)),
+        "allow_skips": (own["allow_skips"], ("true", "false")),
+        "decoder": (own["decoder"], ("greedy", "beam")),
+        "split": (own["split"], (None, *SPLITS)),
+    }
+    for key, (value, allowed) in checks.items():
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {[a for a in allowed if a]}, got {value!r}")
     ckpt = resolve_checkpoint(Path(own["checkpoint"]))
     env = distributed.env_from_environ()
     device = distributed.pick_device("auto", env)
     model, saved = load_model(ckpt, device)
     cfg = compose_config(overrides + [f"model.subsampling={saved['model']['subsampling']}"])
     # data=manifest scores data.manifest (the "train" slot) unless a split is named
-    own["split"] = own["split"] or ("train" if cfg.data.source == "manifest" else "test")
+    manifest = cfg.data.source == "manifest" and not own["split"]
+    own["split"] = own["split"] or ("train" if manifest else "test")
+    name = str(cfg.data.manifest) if manifest else f"{cfg.data.source} {own['split']}"
     loader, _ = split_loader(cfg, own["split"], env, train=False)
     totals, per_utt = evaluate_loader(
         model, loader, env, own["decoder"], beam, own["scoring"], progress=True
     )
-    print(format_table([(own["split"], totals)]))
+    check_scored(totals, name, own["allow_skips"] == "true")
+    print(format_table([(name, totals)]))
     report = Path(own["report"] or ckpt / f"eval-{own['split']}-{own['decoder']}.json")
-    meta = {"checkpoint": str(ckpt), "split": own["split"], "decoder": own["decoder"]}
-    meta |= {"scoring": own["scoring"], "data": asdict(cfg.data)}
-    report.write_text(json.dumps({**meta, "totals": totals, "utterances": per_utt}, indent=2))
+    meta = {"checkpoint": str(ckpt), "scored": name, "split": own["split"]}
+    meta |= {"decoder": own["decoder"], "scoring": own["scoring"], "data": asdict(cfg.data)}
+    tmp = report.with_name(f".{report.name}.tmp")  # a failed write leaves an old report whole
+    tmp.write_text(json.dumps({**meta, "totals": totals, "utterances": per_utt}, indent=2))
+    os.replace(tmp, report)
     print(f"report: {report}")
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a command-line entry point: expected errors (bad value, missing or broken file or
-    checkpoint) print one line naming the problem instead of a traceback."""
+    """Run a command-line entry point: expected errors (bad value or override, missing or broken
+    file or checkpoint) print one line naming the problem instead of a traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         main()
-    except (ValueError, OSError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    except (ValueError, OSError, CheckpointError, HydraException, OmegaConfBaseException) as err:
+        sys.exit(f"error: {' '.join(str(err).split())}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def read_hf(cfg: DataConfig, split: str, rule: Callable[[str], str | None]) -> l
         audio_rows = ds.select_columns([cfg.audio_column])
     rows, dropped = [], 0
     for i, record in enumerate(records):
-        text = rule(str(record[cfg.text_column]))
+        raw = record[cfg.text_column]  # a missing (None) transcript is empty, not the word "none"
+        text = rule("" if raw is None else str(raw))
         if text is None:
             dropped += 1
             continue

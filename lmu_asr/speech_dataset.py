@@ -1,12 +1,14 @@
 """Decoding and checking one utterance at a time: `SpeechDataset`. Re-exported by `lmu_asr.data`.
 
 A bad utterance (unreadable or empty audio, empty or out-of-alphabet transcript, too long, too
-many tokens for CTC in its frames) never stops a run: it comes back as `Skipped(id, reason)`.
+many tokens for CTC in its frames, audio whose length is not the duration its manifest gives)
+never stops a run: it comes back as `Skipped(id, reason)`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,7 +52,14 @@ SKIP_REASONS = (
     "unreadable audio",
     "empty audio",
     "ctc infeasible",
+    "duration mismatch",
 )
+
+
+def duration_mismatch(declared: float, actual: float) -> bool:
+    """Whether decoded audio is not the length its manifest (or HF row) declares: the file changed
+    since the manifest was written. The slack covers rounded durations and codec padding."""
+    return declared > 0 and abs(actual - declared) > 0.2 + 0.02 * declared
 
 
 @dataclass
@@ -111,6 +120,13 @@ class SpeechDataset(torch.utils.data.Dataset):
         if wav.numel() > self.max_duration * self.sample_rate:
             seconds = wav.numel() / self.sample_rate
             raise _Bad("too long", f"{seconds:.2f} s > max_duration {self.max_duration} s")
+        if duration_mismatch(utt.duration, wav.numel() / self.sample_rate):
+            raise _Bad(
+                "duration mismatch",
+                f"the manifest says {utt.duration:.2f} s, the audio has "
+                f"{wav.numel() / self.sample_rate:.2f} s: it changed since the manifest was "
+                "written; restore the file or fix its duration",
+            )
         available = encoder_frames(wav.numel() // self.hop + 1, self.subsampling)
         needed = len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
         if needed > available:
@@ -131,6 +147,8 @@ class SpeechDataset(torch.utils.data.Dataset):
 def read_audio(audio: str | bytes | HFAudio, sample_rate: int = 16000) -> torch.Tensor:
     """A file path, encoded bytes (wav/flac/ogg) or an HF row -> (S,) float32 mono at
     `sample_rate`. Raises ValueError naming the file when it cannot be decoded."""
+    if isinstance(audio, str) and not os.path.exists(audio):
+        raise ValueError(f"cannot read audio {audio}: no such file")
     try:
         source = audio.load() if isinstance(audio, HFAudio) else audio
         data, rate = soundfile.read(

@@ -27,11 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lmu_asr.mlflow_mirror import MlflowMirror, read_state
 
 log = logging.getLogger(__name__)
 
+URI_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MAX_PARAM_KEY, MAX_PARAM_VALUE = 250, 6000  # mlflow.utils.validation limits
 
 
@@ -46,6 +48,14 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ValueError(f"tracking.experiment must not be empty, got {self.experiment!r}")
+        scheme = urlparse(self.uri or "").scheme.split("+")[0]  # postgresql+psycopg2://...
+        if scheme not in URI_SCHEMES or (
+            scheme in ("http", "https") and not urlparse(self.uri).netloc
+        ):
+            raise ValueError(
+                f"tracking.uri={self.uri!r} is not an MLflow tracking URI: use http(s)://HOST:PORT,"
+                " sqlite:///FILE.db, file:///DIR, a folder or a database URL"
+            )
 
 
 def resolve_uri(uri: str | None) -> str:
