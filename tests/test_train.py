@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmu_asr.checkpoint import list_checkpoints, load_checkpoint
+from lmu_asr.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lmu_asr.corpus import build_corpus
+from lmu_asr.text import VOCAB
 
 pytestmark = pytest.mark.slow
 
@@ -57,32 +58,69 @@ def assert_bitwise_equal(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_run_dir_holds_results_and_exact_resume(tmp_path, corpus_env):
-    """N steps straight equal k steps + save + resume in a fresh process, bitwise on CPU."""
-    common = ["optim.schedule=constant", "optim.warmup_steps=2", "trainer.eval_every=5"]
-    common += ["tracking=off"]
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+LEARNING = ("step", "train/loss", "train/lr", "train/grad_norm", "train/epoch", "dev/", "final/")
+
+
+def logged_values(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock and system metrics: what training computed."""
+    return [{k: v for k, v in m.items() if k.startswith(LEARNING)} for m in read_metrics(run_dir)]
+
+
+def test_sigterm_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, corpus_env):
+    """A run stopped by SIGTERM between two checkpoints and started again (the same command, in
+    a fresh process) equals a straight run bitwise on CPU: with the cosine schedule, a time
+    budget (large, so it never ends the run) and a data loader worker (the straight run reads
+    in-process: the results must not depend on it either)."""
+    common = ["optim.schedule=cosine", "optim.warmup_steps=2", "trainer.max_minutes=10000"]
+    common += ["trainer.max_steps=10", "trainer.eval_every=10", "checkpoint.every_steps=1000"]
+    common += ["trainer.log_every=1", "tracking=off"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(straight, corpus_env, *common, "trainer.max_steps=10")
-    out = launch(resumed, corpus_env, *common, "trainer.max_steps=5")
-    assert "split" in out.stdout and "WER" in out.stdout  # the final table
-    out = launch(resumed, corpus_env, *common, "trainer.max_steps=10")
-    assert "resumed from" in out.stderr + out.stdout
+    kw = {"env": corpus_env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    cmd = [sys.executable, "-m", "lmu_asr.launch", *SMALL, *common]
+    straight_proc = subprocess.Popen([*cmd, f"hydra.run.dir={straight}"], **kw)  # meanwhile
+    cmd += ["data.num_workers=1", f"hydra.run.dir={resumed}"]
+    proc = subprocess.Popen(cmd, **kw)
+    wait_for_step(resumed, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "run the same command again to resume" in out, out
+    (stopped_at,) = list_checkpoints(resumed)  # the stop saved; no other checkpoint before it
+    stop = tensors(stopped_at, "train_state")["step"]
+    assert 3 <= stop < 10, out
+    assert not (resumed / "results.json").exists()
+    again = subprocess.run(cmd, **kw, timeout=600)
+    out = again.stdout
+    assert again.returncode == 0 and f"(step {stop}," in out, out  # resumed where it stopped
+    assert "WER" in out and "CER" in out  # the final table
+    out, _ = straight_proc.communicate(timeout=600)
+    assert straight_proc.returncode == 0, out
 
     for run in (straight, resumed):
         assert (run / ".hydra" / "config.yaml").is_file()
         assert (run / "train.log").is_file()
-        results = json.loads((run / "results.json").read_text())
-        assert results["steps"] == 10 and results["dev_cer"] >= 0 and results["test_wer"] >= 0
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        steps = [json.loads(line)["step"] for line in lines]
-        assert steps and steps == sorted(steps)
     a, b = (list_checkpoints(r)[-1] for r in (straight, resumed))
     assert a.name == b.name == "step-00000010"
     for item in ("model", "optimizer"):
         assert_bitwise_equal(tensors(a, item), tensors(b, item), item)
     sa, sb = tensors(a, "train_state"), tensors(b, "train_state")
+    assert sa["epoch"] >= 1  # an epoch boundary crossed; the stop was mid-epoch
     for key in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step"):
         assert sa[key] == sb[key], key
+    # every step logged once, with the same loss, learning rate, gradient norm and dev metrics
+    logged = [logged_values(r) for r in (straight, resumed)]
+    assert [m["step"] for m in logged[0] if "train/loss" in m] == list(range(1, 11))
+    assert logged[0] == logged[1]
+    lrs = [m["train/lr"] for m in logged[0] if "train/lr" in m]
+    assert lrs[2] > lrs[-1] > 0  # cosine decay
+    results = [json.loads((r / "results.json").read_text()) for r in (straight, resumed)]
+    assert results[0]["steps"] == results[1]["steps"] == 10
+    assert (results[1]["starts"], results[1]["stops"][0]["step"]) == (2, stop)
+    for key in ("dev_cer", "dev_wer", "test_cer", "test_wer", "test_wer_lm", "best_step"):
+        assert results[0][key] == results[1][key], key
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
@@ -131,10 +169,17 @@ def test_sigterm_saves_and_the_same_command_resumes_in_the_same_mlflow_run(tmp_p
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
+def started_at(run_dir: Path) -> list[int]:
+    """The step each start of the job began from (lifecycle.jsonl)."""
+    lines = (run_dir / "lifecycle.jsonl").read_text().splitlines()
+    return [e["step"] for e in map(json.loads, lines) if e["event"] == "start"]
+
+
 def test_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus_env):
     run_dir = tmp_path / "run"
     common = ["tracking=off", "trainer.eval_every=100", "checkpoint.every_steps=3"]
-    launch(run_dir, corpus_env, *common, "trainer.max_steps=6", "checkpoint.keep_last=3")
+    common += ["trainer.final_lm=false", "checkpoint.keep_last=3"]
+    launch(run_dir, corpus_env, *common, "trainer.max_steps=6")
     ckpts = list_checkpoints(run_dir)
     assert [c.name for c in ckpts] == ["step-00000003", "step-00000006"]
     model_pt = ckpts[-1] / "model.pt"
@@ -143,30 +188,62 @@ def test_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corpu
     model_pt.write_bytes(bytes(data))
     out = launch(run_dir, corpus_env, *common, "trainer.max_steps=7")
     text = out.stdout + out.stderr
-    assert "step-00000006" in text  # the warning names the broken checkpoint
-    assert "(step 3," in text  # and training resumed from the previous one
+    assert f"skipping corrupt checkpoint {ckpts[-1]}" in text  # the warning names it
+    assert f"resumed from {ckpts[0]} (step 3," in text  # and training resumed from the previous
+    assert started_at(run_dir) == [0, 3]
+    # step 6 was trained again and its checkpoint replaced the broken one
+    assert [c.name for c in list_checkpoints(run_dir)] == [f"step-0000000{i}" for i in (3, 6, 7)]
+    assert tensors(ckpts[-1], "train_state")["step"] == 6
 
     (list_checkpoints(run_dir)[-1] / "COMPLETE").unlink()  # newest now incomplete
     out = launch(run_dir, corpus_env, *common, "trainer.max_steps=8")
-    assert "resumed from" in out.stdout + out.stderr
+    assert f"resumed from {ckpts[-1]} (step 6," in out.stdout + out.stderr
+    assert started_at(run_dir) == [0, 3, 6]
 
 
 def test_resume_with_another_architecture_is_refused(tmp_path, corpus_env):
     run_dir = tmp_path / "run"
-    launch(run_dir, corpus_env, "tracking=off", "trainer.max_steps=2", "trainer.eval_every=2")
-    out = launch(
-        run_dir, corpus_env, "tracking=off", "trainer.max_steps=4", "model.order=8", check=False
-    )
+    common = ["tracking=off", "trainer.final_lm=false"]
+    launch(run_dir, corpus_env, *common, "trainer.max_steps=2", "trainer.eval_every=2")
+    (saved,) = list_checkpoints(run_dir)
+    changed = ["model.order=8", "features.n_mels=40", "model.dropout=0.0"]
+    out = launch(run_dir, corpus_env, *common, "trainer.max_steps=4", *changed, check=False)
     assert out.returncode != 0
-    assert "refusing to resume" in out.stderr and "model.order" in out.stderr
-    # runtime-only settings may change
-    launch(run_dir, corpus_env, "tracking=off", "trainer.max_steps=3", "trainer.log_every=1")
+    assert f"refusing to resume from {saved}: the model architecture differs" in out.stderr
+    assert "model.order: checkpoint 16 != config 8" in out.stderr
+    assert "features.n_mels: checkpoint 80 != config 40" in out.stderr
+    assert "dropout" not in out.stderr.split("architecture differs")[1]  # dropout may change
+    assert list_checkpoints(run_dir) == [saved] and started_at(run_dir) == [0]  # nothing ran
+    # what may change: dropout, activation checkpointing, SpecAugment, the preset's name
+    runtime = ["model.dropout=0.0", "model.activation_checkpointing=true", "model.name=renamed"]
+    runtime += ["features.freq_masks=0", "features.freq_width=10", "features.time_masks=3"]
+    runtime += ["features.time_width=0.1"]
+    out = launch(run_dir, corpus_env, *common, "trainer.max_steps=3", *runtime)
+    assert f"resumed from {saved} (step 2," in out.stdout + out.stderr
+    assert started_at(run_dir) == [0, 2]
+    assert tensors(list_checkpoints(run_dir)[-1], "train_state")["step"] == 3
 
 
-def test_evaluate_and_transcribe_a_trained_checkpoint(tmp_path, corpus_env):
+def test_evaluate_and_transcribe_the_best_checkpoint(tmp_path, corpus_env):
+    """`checkpoint=RUN_DIR` means its best checkpoint, not the newest; transcribe and evaluate
+    give one file the same hypothesis."""
+    from lmu_asr.transcribe import transcribe
+
     run_dir = tmp_path / "run"
-    launch(run_dir, corpus_env, "tracking=off", "trainer.max_steps=4", "trainer.eval_every=2")
+    common = ["tracking=off", "trainer.max_steps=4", "trainer.eval_every=2"]
+    launch(run_dir, corpus_env, *common, "trainer.final_lm=false")
+    newest = list_checkpoints(run_dir)[-1]
+    best = checkpoint_dir(run_dir, tensors(newest, "train_state")["best_step"])
+    # training went on past the best: a newer, worse checkpoint whose model only says "e"
+    items = load_checkpoint(best)
+    items["model"]["encoder.head.bias"][VOCAB.index("e")] = 1e4
+    items["train_state"]["step"] += 10
+    worse = save_checkpoint(run_dir, items["train_state"]["step"], items, 10, best_step=-1)
+    assert list_checkpoints(run_dir)[-1] == worse
+
     manifest = next(Path(corpus_env["LMU_ASR_CACHE"]).glob("*/test.jsonl"))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()[:2]]
+    wavs = [manifest.parent / row["audio"] for row in rows]
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "lmu_asr.evaluate", f"checkpoint={run_dir}", "data=manifest"]
     cmd += [f"data.manifest={manifest}", "decoder=beam", "beam.beam_size=4"]
@@ -175,15 +252,23 @@ def test_evaluate_and_transcribe_a_trained_checkpoint(tmp_path, corpus_env):
     assert out.returncode == 0, out.stderr
     assert "WER" in out.stdout and "CER" in out.stdout
     data = json.loads(report.read_text())
+    assert data["checkpoint"] == str(best)
     assert data["totals"]["utterances"] == 8 and data["decoder"] == "beam"
-    row = data["utterances"][0]
-    assert {"id", "ref", "hyp", "word_errors", "char_errors", "alignment"} <= row.keys()
-    assert row["ref"]  # references are the manifest's transcripts
+    by_id = {row["id"]: row for row in data["utterances"]}
+    first = by_id[rows[0]["id"]]
+    assert {"id", "ref", "hyp", "word_errors", "char_errors", "alignment"} <= first.keys()
+    assert first["ref"] == rows[0]["text"]  # the manifest's transcript
 
-    wav = manifest.parent / json.loads(manifest.read_text().splitlines()[0])["audio"]
-    cmd = [sys.executable, "-m", "lmu_asr.transcribe", f"checkpoint={run_dir}", f"audio=[{wav}]"]
+    audio = ",".join(map(str, wavs))
+    cmd = [sys.executable, "-m", "lmu_asr.transcribe", f"checkpoint={run_dir}", f"audio=[{audio}]"]
+    cmd += ["decoder=beam", "beam.beam_size=4"]
     out = subprocess.run(cmd, env=corpus_env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.startswith(str(wav)), out.stderr
+    assert out.returncode == 0, out.stderr
+    printed = [line.split("\t") for line in out.stdout.splitlines()]
+    assert printed == [[str(w), by_id[row["id"]]["hyp"]] for w, row in zip(wavs, rows, strict=True)]
+    # the check can tell the two checkpoints apart
+    assert any(hyp for _, hyp in printed)
+    assert transcribe(worse, wavs) == ["e", "e"] != [hyp for _, hyp in printed]
 
     missing = subprocess.run(
         [sys.executable, "-m", "lmu_asr.evaluate", f"checkpoint={tmp_path}/nope"],
