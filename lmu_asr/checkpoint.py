@@ -99,6 +99,40 @@ def _write_file(path: Path, write: Any) -> None:
         os.fsync(f.fileno())
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _explain(error: BaseException, root: Path, step: int, doing: str) -> str:
+    """The one line a researcher reads when a save fails: what is full or unwritable, and what
+    to do about it."""
+    e: BaseException | None = error
+    while e is not None and not isinstance(e, OSError):  # torch.save raises a RuntimeError
+        e = e.__cause__ or e.__context__  # ("unexpected pos ...") over the write's OSError
+    previous = latest_checkpoint(root.parent)
+    resume = f"it resumes from {previous.name}" if previous else "it starts from step 0"
+    again = f"then run the same command again ({resume}, which is intact)"
+    what = f"while saving checkpoint step {step} ({doing}: {e.strerror if e else error})"
+    if isinstance(e, OSError) and e.errno in _FULL:
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return (
+            f"no space left on device (or quota exceeded) for {root} ({free}) {what}; free "
+            f"space there or set hydra.run.dir to a folder on a larger file system, {again}"
+        )
+    if isinstance(e, OSError) and e.errno in _READ_ONLY:
+        return (
+            f"cannot write to {root} {what}; make it writable or set hydra.run.dir to a "
+            f"writable folder, {again}"
+        )
+    return (
+        f"saving checkpoint step {step} failed while {doing} ({error}); the temp folder was "
+        f"removed and the previous checkpoints in {root} are intact"
+    )
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     """Where checkpoint `step` of `run_dir` lives (complete only with its marker)."""
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
@@ -147,12 +181,12 @@ def save_checkpoint(
 
     final = checkpoint_dir(run_dir, step)
     root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
     writer = f"step-{step:08d}-{_host()}-{os.getpid()}"
     tmp, old = root / f".tmp-{writer}", root / f".old-{writer}"
     shutil.rmtree(tmp, ignore_errors=True)
-    doing = "creating the temp folder"
+    doing, moved = "creating the temp folder", False
     try:
+        root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         files = {}
         for name, state in states.items():
@@ -167,21 +201,21 @@ def save_checkpoint(
         if final.exists():  # same step again (resume, then save): move the old one aside
             os.rename(final, old)
         os.rename(tmp, final)
+        moved = True
         doing = f"writing {final.name}/{MARKER}"
         _write_file(final / MARKER, f"step {step}\n".encode())
         _fsync_dir(final)
         _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists():  # put the replaced checkpoint back
+        if moved:  # the marker could not be written: this checkpoint does not count
+            (final / MARKER).unlink(missing_ok=True)
             shutil.rmtree(final, ignore_errors=True)
+        if old.exists():  # put the replaced checkpoint back
             os.rename(old, final)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
             raise
-        raise CheckpointError(
-            f"saving checkpoint step {step} failed while {doing} ({e}); the temp folder was "
-            f"removed and the previous checkpoints in {root} are intact"
-        ) from e
+        raise CheckpointError(_explain(e, root, step, doing)) from e
     shutil.rmtree(old, ignore_errors=True)
     _prune(root, final, keep_last, best_step)
     return final
@@ -227,6 +261,7 @@ def _prune(root: Path, saved: Path, keep_last: int, best_step: int | None) -> No
     for p in root.iterdir():
         if _STEP_DIR.match(p.name) and p not in keep:
             log.debug("removing checkpoint %s", p)
+            (p / MARKER).unlink(missing_ok=True)  # killed half-way, it no longer counts
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile
-from tqdm import tqdm
 
+from lmu_asr.progress import LoopProgress
 from lmu_asr.wordnet import split_sentences, wordnet_licence, wordnet_sentences
 
 CORPUS_VERSION = 3  # bump whenever the audio or text of a corpus changes
@@ -164,7 +165,7 @@ def _build(root: Path, sizes: dict[str, int], seed: int, engines: list, jobs: in
     rows: dict[str, list] = {split: [] for split in SPLITS}
     with (
         ThreadPoolExecutor(jobs) as pool,
-        tqdm(total=len(utts), desc="building corpus", unit="utt", disable=not progress) as bar,
+        LoopProgress(len(utts), "building corpus", "utt", enabled=progress) as bar,
     ):
         list(
             pool.map(lambda k: _festival(root, festival[k::jobs]), range(min(jobs, len(festival))))
@@ -230,23 +231,65 @@ def build_corpus(
     cache, key = final.parent, final.name.removeprefix("corpus-")
     paths = {split: final / f"{split}.jsonl" for split in SPLITS}
     if final.is_dir():
-        return paths
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"corpus-{key}.lock", "w") as lock:
+        return _checked(final, paths)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / f"corpus-{key}.lock", "w")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise CorpusError(
+            f"corpus cache {cache} is not writable ({e.strerror}): cannot build the corpus "
+            "there; set LMU_ASR_CACHE (or data.cache_dir) to a writable folder"
+        ) from e
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():  # another process built it while we waited
-            return paths
+            return _checked(final, paths)
         _check_binaries(engines)
         for stale in cache.glob(f"corpus-{key}.tmp*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"corpus-{key}.tmp", dir=cache))
         try:
             jobs = jobs or len(os.sched_getaffinity(0))
+            if progress:
+                print(f"building the corpus once, in {final}", file=sys.stderr, flush=True)
             _build(tmp, sizes, seed, engines, jobs, progress)
-            (tmp / "corpus.json").write_text(json.dumps(key_fields, indent=1) + "\n")
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in _entries(tmp)}
+            info = key_fields | {"files": files}
+            (tmp / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+class CorpusError(RuntimeError):
+    """The corpus cache cannot be written, or an entry in it is missing or damaged."""
+
+
+def _entries(folder: Path) -> list[Path]:
+    return [*(folder / f"{s}.jsonl" for s in SPLITS), *sorted(folder.glob("wav/*/*.wav"))]
+
+
+def _checked(final: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """`paths` once every file of the cached corpus has the size it was built with (a stat per
+    file: cheap, and enough to catch a truncated wav or manifest). Corpora built before the
+    sizes were recorded are not checked."""
+    try:
+        files = json.loads((final / "corpus.json").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise CorpusError(
+            f"corpus cache entry {final / 'corpus.json'} is unreadable ({e}); delete {final} "
+            "and run again to rebuild it"
+        ) from e
+    for name, size in files.items():
+        path = final / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes, {size} expected"
+            raise CorpusError(
+                f"corpus cache entry {path} is truncated or changed ({found}); delete {final} "
+                "and run again to rebuild it (once no other job is using it)"
+            )
     return paths
 
 

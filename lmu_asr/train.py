@@ -148,6 +148,8 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
     save_every_s = cfg.checkpoint.every_minutes * 60 or math.inf
     progress = Progress(tc.max_steps, budget_s, env.world_size)
     status = "budget" if state.elapsed_s >= budget_s else "finished"
+    if tc.patience and state.bad_evals >= tc.patience:  # stopped early, killed before the end
+        status = "early_stop"
     t_mark, saved_at, signum = time.monotonic(), state.elapsed_s, 0
     with tracker:
         while state.step < tc.max_steps and status == "finished":
