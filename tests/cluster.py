@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -268,17 +269,33 @@ def _cluster_env(dir: Path) -> dict[str, str]:
     return {k: v.strip('"') for k, _, v in (line.partition("=") for line in text.splitlines()) if k}
 
 
+def _short_dir() -> Iterator[Path]:
+    """A new folder with a short path, removed afterwards: slurmd's unix sockets live under the
+    cluster's folder and must fit in 108 bytes, which pytest's tmp_path (longer still under
+    pytest-xdist, and with long test names) does not promise."""
+    d = Path(tempfile.mkdtemp(prefix="lmu-slurm-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+cluster_dir = pytest.fixture(_short_dir)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def slurm_cluster() -> Iterator[Cluster]:
     """A one-node cluster (8 CPUs, partitions debug/low/high) for the whole test session."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm"), nodes=1)
-    yield cluster
-    stop_cluster(cluster)
+    for d in _short_dir():
+        cluster = start_cluster(d, nodes=1)
+        yield cluster
+        stop_cluster(cluster)
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster_2nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def slurm_cluster_2nodes() -> Iterator[Cluster]:
     """A two-node cluster (n1, n2: own network namespaces, hostnames and IPs) for one module."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm2n"), nodes=2)
-    yield cluster
-    stop_cluster(cluster)
+    for d in _short_dir():
+        cluster = start_cluster(d, nodes=2)
+        yield cluster
+        stop_cluster(cluster)

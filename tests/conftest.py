@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
-from tests.cluster import slurm_cluster, slurm_cluster_2nodes  # noqa: F401
+from tests.cluster import cluster_dir, slurm_cluster, slurm_cluster_2nodes  # noqa: F401
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: more threads contend
+    torch.set_num_threads(1)
 
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 220.0) -> np.ndarray:
@@ -45,3 +50,13 @@ def audio_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["manifest"] = folder / "manifest.jsonl"
     paths["manifest"].write_text("".join(json.dumps(row) + "\n" for row in rows))
     return paths
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`), every test that
+    needs a SLURM cluster runs on one worker, so the session still starts one cluster; the other
+    worker takes the rest. Most SLURM tests wait on the scheduler, so the two overlap well."""
+    cluster = {"slurm_cluster", "slurm_cluster_2nodes"}
+    for item in items:
+        if item.get_closest_marker("slurm") or cluster & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -50,10 +50,10 @@ def job_field(cluster: Cluster, job: str, name: str) -> str:
 
 
 def test_up_prints_export_last_is_idempotent_and_status_follows(
-    tmp_path: Path, slurm_cluster: Cluster
+    cluster_dir: Path, slurm_cluster: Cluster
 ):
     # A second cluster beside the session's one: free ports and own names make that possible.
-    d = tmp_path / "c"
+    d = cluster_dir / "c"
     up = script("up", str(d))
     assert up.returncode == 0, up.stderr
     assert up.stdout.splitlines()[-1] == f"export SLURM_CONF={d}/slurm.conf", up.stdout
@@ -101,8 +101,8 @@ def test_up_prints_export_last_is_idempotent_and_status_follows(
     assert all(_running(p) for p in slurm_cluster.pids())
 
 
-def test_down_kills_running_jobs_and_every_daemon(tmp_path: Path):
-    cluster = start_cluster(tmp_path / "c")
+def test_down_kills_running_jobs_and_every_daemon(tmp_path: Path, cluster_dir: Path):
+    cluster = start_cluster(cluster_dir / "c")
     try:
         # A batch job with a background sleep, and a step whose task sleeps.
         job = sbatch(
