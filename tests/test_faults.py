@@ -92,8 +92,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # --- kill -9 storm ---------------------------------------------------------------------------
 
-STORM = ["trainer.max_steps=24", "trainer.eval_every=4", "checkpoint.every_steps=1"]
-EVAL_EVERY, MAX_STEPS = 4, 24
+EVAL_EVERY, MAX_STEPS = 4, 32  # room: no life may reach the end before the last kill
+STORM = [f"trainer.max_steps={MAX_STEPS}", f"trainer.eval_every={EVAL_EVERY}"]
+STORM += ["checkpoint.every_steps=1"]  # a write at every step: kills land near writes
 KILLS = 22
 # what each kill waits for: a checkpoint being written, a validation starting, a random delay
 # from the start (mostly start-up: imports, resume), a random delay after the first step
