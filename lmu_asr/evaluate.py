@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from lmu_asr import distributed
 from lmu_asr.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint
@@ -45,6 +44,7 @@ from lmu_asr.data import (
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
 from lmu_asr.lm import build_lm
+from lmu_asr.progress import LoopProgress
 from lmu_asr.state import TrainState
 from lmu_asr.text import decode as decode_ids
 from lmu_asr.text import gigaspeech_scoring
@@ -120,20 +120,22 @@ def evaluate_decoders(
     hyps: dict[str, dict[str, str]] = {name: {} for name in decoders}
     losses: dict[str, tuple[float, int]] = {}  # id -> (CTC loss, target tokens)
     skipped: dict[str, str] = {}  # id -> reason
-    for batch in tqdm(loader, desc="decoding", disable=not (progress and env.is_main)):
-        skipped |= dict(batch.skipped)
-        if not len(batch.ids):
-            continue
-        batch = batch.to(device)
-        log_probs, out_lens = model(batch.wav, batch.wav_lens)
-        texts = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
-        refs |= dict(zip(batch.ids, texts, strict=True))
-        loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch.tokens, out_lens,
-                          batch.token_lens, reduction="none", zero_infinity=True)  # fmt: skip
-        n = batch.token_lens.tolist()
-        losses |= {i: (x, k) for i, x, k in zip(batch.ids, loss.tolist(), n, strict=True)}
-        for name, decode in decoders.items():
-            hyps[name] |= dict(zip(batch.ids, decode(log_probs, out_lens), strict=True))
+    with LoopProgress(len(loader), "decoding", "batches", enabled=progress and env.is_main) as bar:
+        for batch in loader:
+            bar.update()
+            skipped |= dict(batch.skipped)
+            if not len(batch.ids):
+                continue
+            batch = batch.to(device)
+            log_probs, out_lens = model(batch.wav, batch.wav_lens)
+            texts = [decode_ids(t[:n].tolist()) for t, n in zip(batch.tokens, batch.token_lens)]
+            refs |= dict(zip(batch.ids, texts, strict=True))
+            loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch.tokens, out_lens,
+                              batch.token_lens, reduction="none", zero_infinity=True)  # fmt: skip
+            n = batch.token_lens.tolist()
+            losses |= {i: (x, k) for i, x, k in zip(batch.ids, loss.tolist(), n, strict=True)}
+            for name, decode in decoders.items():
+                hyps[name] |= dict(zip(batch.ids, decode(log_probs, out_lens), strict=True))
     model.train(was_training)
     if dist.is_initialized():  # shards may repeat an utterance to even out: dedupe by id
         gathered: list = [None] * env.world_size

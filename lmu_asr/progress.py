@@ -79,7 +79,7 @@ def format_duration(seconds: float) -> str:
 
 
 class LoopProgress:
-    """Progress of a loop of known length (building the corpus), for whoever reads stderr: on a
+    """Progress of a loop of known length (corpus build, decoding), for whoever reads stderr: on a
     terminal tqdm's one redrawn line; in a file or a pipe (SLURM job logs, `tee`) a plain line
     every `every_pct` % of the work or every `every_s` seconds, and one at the end, instead of
     tqdm's many carriage-return redraws that pile up in a log file."""
