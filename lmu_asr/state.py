@@ -26,7 +26,8 @@ class TrainState:
     best_metric: float = math.inf
     best_step: int = -1
     bad_evals: int = 0  # evaluations without improvement (early stopping)
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # skipped: non-finite loss or gradient (bad input, divergence)
+    fp16_overflows: int = 0  # skipped by fp16 GradScaler: the scaled gradient overflowed
     elapsed_s: float = 0.0
     run_id: str | None = None  # MLflow run id, so a requeued job continues the same run
     rng: dict = field(default_factory=dict)

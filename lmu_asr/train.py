@@ -165,7 +165,12 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
             loss, gnorm, ok = train_step(
                 ddp, group, opt, scaler, tc.grad_clip, precision, env, seeds
             )
-            if not ok:
+            if not ok and scaler.is_enabled() and math.isfinite(loss):
+                # fp16: the scaled gradient overflowed, GradScaler lowers its scale; not the data
+                state.fp16_overflows += 1
+                log.info("step %d: fp16 gradient overflow, step skipped; loss scale now %g",
+                         state.step, scaler.get_scale())  # fmt: skip
+            elif not ok:
                 state.nonfinite_steps += 1
                 _record_nonfinite(run_dir, env, state.step, group, loss, gnorm)
             state.step += 1
@@ -210,6 +215,7 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
         results = final_evaluation(cfg, run_dir, model, env, state, tracker, texts)
         results |= {"status": status, "steps": state.step, "train_minutes": state.elapsed_s / 60}
         results |= {"nonfinite_steps": state.nonfinite_steps} | lifecycle.summary()
+        results |= {"fp16_overflows": state.fp16_overflows} if scaler.is_enabled() else {}
         lifecycle.stopped(status, state.step)
         if env.is_main:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
