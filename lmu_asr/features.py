@@ -49,6 +49,11 @@ def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device) < lengths[:, None]
 
 
+def hop_samples(sample_rate: int, hop_ms: float) -> int:
+    """Samples per feature frame: a waveform of S samples has S // hop + 1 frames."""
+    return round(sample_rate * hop_ms / 1000)
+
+
 class LogMel(nn.Module):
     """(B, S) waveforms -> (B, T, n_mels) log-mel features, T = S // hop + 1, zero past each
     utterance's frames. Computed in float32 even under autocast."""
@@ -56,7 +61,7 @@ class LogMel(nn.Module):
     def __init__(self, cfg: FeatureConfig, sample_rate: int = 16000) -> None:
         super().__init__()
         self.cfg = cfg
-        self.hop = round(sample_rate * cfg.hop_ms / 1000)
+        self.hop = hop_samples(sample_rate, cfg.hop_ms)
         win = round(sample_rate * cfg.win_ms / 1000)
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate,

@@ -99,9 +99,16 @@ def learning_curves_figure(metrics_jsonl: Path) -> Figure:
 
 def log_mel(wav: Tensor, features: FeatureConfig | None = None, sample_rate: int = 16000) -> Tensor:
     """(n_mels, T) log-mel of a waveform (S,): the model's frontend before its normalisation."""
-    frontend = LogMel(features or FeatureConfig(), sample_rate)
-    feats, _ = frontend.log_mel(wav.reshape(1, -1).float().cpu(), torch.tensor([wav.numel()]))
-    return feats[0].T
+    return _frontend_log_mel(LogMel(features or FeatureConfig(), sample_rate), wav)
+
+
+@torch.no_grad()
+def _frontend_log_mel(frontend: LogMel, wav: Tensor) -> Tensor:
+    """(n_mels, T) un-normalised log-mel of a waveform (S,) computed by `frontend`."""
+    device = frontend.mean.device
+    feats, _ = frontend.log_mel(wav.reshape(1, -1).float().to(device),
+                                torch.tensor([wav.numel()], device=device))  # fmt: skip
+    return feats[0].T.float().cpu()
 
 
 def log_mel_figure(
@@ -243,7 +250,7 @@ def lmu_memory_figure(model: SpeechRecognizer, wav: Tensor, text: str, block: in
     width = round(min(max(10, T / 30), 24), 1)
     fig = Figure(figsize=(width, 10), dpi=DPI, layout="constrained")
     axes = fig.subplots(4, 1, sharex=True)
-    _spectrogram(axes[0], _model_log_mel(model, wav), hop_s, xlabel=False)
+    _spectrogram(axes[0], _frontend_log_mel(model.frontend, wav), hop_s, xlabel=False)
     axes[0].set_title(textwrap.shorten(text, int(width * 12), placeholder=" …"), fontsize=9,
                       loc="left")  # fmt: skip
     panels = [
@@ -318,7 +325,7 @@ def utterance_plots(
     lp = log_probs[0, : int(out_lens[0])].cpu()  # (T', V)
     path, emitted = greedy_path(lp)
     hyp = greedy_decode(log_probs, out_lens)[0]
-    fig = posteriogram_figure(_model_log_mel(model, wav), lp, text, hyp,
+    fig = posteriogram_figure(_frontend_log_mel(model.frontend, wav), lp, text, hyp,
                               model.frontend.cfg.hop_ms, model.cfg.subsampling)  # fmt: skip
     post = save(fig, out_dir / f"{name}-posteriogram.png")
     return UtterancePlots(attention, post, weights, path, emitted, hyp)
@@ -329,15 +336,6 @@ def greedy_path(lp: Tensor) -> tuple[list[int], list[tuple[int, int]]]:
     path = lp.argmax(-1).tolist()
     emitted = [(t, c) for t, c in enumerate(path) if c != BLANK and (t == 0 or c != path[t - 1])]
     return path, emitted
-
-
-def _model_log_mel(model: SpeechRecognizer, wav: Tensor) -> Tensor:
-    """(n_mels, T) un-normalised log-mel computed by the model's own frontend."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        feats, _ = model.frontend.log_mel(wav.reshape(1, -1).to(device),
-                                          torch.tensor([wav.numel()], device=device))  # fmt: skip
-    return feats[0].T.float().cpu()
 
 
 def attention_figure(weights: list[Tensor], ms: float) -> Figure:

@@ -17,6 +17,7 @@ import soundfile
 import torch
 import torchaudio.functional
 
+from lmu_asr.features import hop_samples
 from lmu_asr.hf import HFAudio
 from lmu_asr.text import encode
 
@@ -88,7 +89,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.max_duration = max_duration
         self.strict = strict
         self.subsampling = subsampling
-        self.hop = round(sample_rate * hop_ms / 1000)  # samples per feature frame, as LogMel's
+        self.hop = hop_samples(sample_rate, hop_ms)
 
     def __len__(self) -> int:
         return len(self.utts)

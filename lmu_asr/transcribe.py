@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lmu_asr.decode import make_decoder
 from lmu_asr.evaluate import beam_config, load_model, resolve_checkpoint, run_cli
-from lmu_asr.speech_dataset import encoder_frames, read_audio
+from lmu_asr.speech_dataset import read_audio
 
 USAGE = "usage: python -m lmu_asr.transcribe checkpoint=PATH audio=[a.wav,b.flac] [decoder=beam]"
 KEYS = ("checkpoint", "audio", "decoder", "beam")
@@ -33,21 +33,19 @@ def transcripts(
     `beam` holds BeamConfig overrides like "beam_size=8"."""
     model, saved = load_model(resolve_checkpoint(checkpoint), torch.device("cpu"))
     decode = make_decoder(decoder, beam_config(beam or []))
-    rate, hop = (
-        saved["sample_rate"],
-        round(saved["sample_rate"] * saved["features"]["hop_ms"] / 1000),
-    )
+    rate = saved["sample_rate"]
     for path in audio:  # one at a time: no padding, any length
         try:
             wav = read_audio(str(path), rate)
-            if encoder_frames(len(wav) // hop + 1, saved["model"]["subsampling"]) < 1:
+            lengths = torch.tensor([len(wav)])
+            if model.encoder.subsample.output_lengths(model.frontend.lengths(lengths)) < 1:
                 raise ValueError(
                     f"{path}: {len(wav) / rate:.3f} s of audio is too short for the model"
                 )
         except ValueError as err:
             yield path, err
             continue
-        log_probs, lengths = model(wav[None], torch.tensor([len(wav)]))
+        log_probs, lengths = model(wav[None], lengths)
         yield path, decode(log_probs, lengths)[0]
 
 

@@ -22,7 +22,7 @@ GROUPS = {  # lmu_asr.bench.<group>: its measurements are run(args, device), its
     "orchestration": "launch -m return, sbatch -> first step, requeue -> resume",
     "tracking": "training speed with MLflow off, down and up (--uri)",
 }
-ALL = ["lmu", "data", "train", "decode", "checkpoint", "orchestration", "tracking"]
+MARKDOWN_HELP = "the README tables from a file written with --save"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,8 +31,12 @@ def parser() -> argparse.ArgumentParser:
     for name, help in GROUPS.items():
         _module(name).add_arguments(_common(sub.add_parser(name, help=help)))
     _common(sub.add_parser("all", help="every group above with its defaults"))
-    md = sub.add_parser("markdown", help="the README tables from a file written with --save")
-    md.add_argument("file", type=Path)
+    _markdown_arguments(sub.add_parser("markdown", help=MARKDOWN_HELP))
+    return p
+
+
+def _markdown_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("file", type=Path, help="JSON records, one per line")
     return p
 
 
@@ -51,9 +55,10 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["markdown"]:  # without importing the groups (torch, the model)
-        md = argparse.ArgumentParser(prog="python -m lmu_asr.bench markdown")
-        md.add_argument("file", type=Path)
-        records = md.parse_args(argv[1:]).file.read_text().splitlines()
+        md = argparse.ArgumentParser(
+            prog="python -m lmu_asr.bench markdown", description=MARKDOWN_HELP
+        )
+        records = _markdown_arguments(md).parse_args(argv[1:]).file.read_text().splitlines()
         print(markdown([json.loads(line) for line in records]))
         return
     args = parser().parse_args(argv)
@@ -61,16 +66,16 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    command = "python -m lmu_asr.bench " + shlex.join(argv)
+    run = {"command": "python -m lmu_asr.bench " + shlex.join(argv), "machine": machine()}
     records = []
-    for group in ALL if args.group == "all" else [args.group]:
+    for group in GROUPS if args.group == "all" else [args.group]:
         module = _module(group)
         group_args = args
         if args.group == "all":  # this group's defaults, with the common options given
             group_args = parser().parse_args([group, "--device", args.device])
             group_args.threads = args.threads
         for m in module.run(group_args, device):
-            record = m.record(group) | {"command": command, "machine": machine()}
+            record = m.record(group) | run
             records.append(record)
             if not args.markdown:
                 print(json.dumps(record), flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ class Measurement:
         out |= {"median": _round(self.median), "min": _round(min(self.values))}
         out |= {"max": _round(max(self.values)), "repeats": len(self.values), "unit": self.unit}
         for key in ("baseline", "ratio", "ratio_is", "bar", "met", "note"):
-            value = asdict(self)[key]
+            value = getattr(self, key)
             if value is not None:
                 out[key] = _round(value) if isinstance(value, float) else value
         return out

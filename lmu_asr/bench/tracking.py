@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Measurement]:
         m = Measurement(f"tracking.{mode}", "steps/s", values, config)
         if mode != "off":
             m.baseline = "tracking.off"
-            m.ratio = m.median / Measurement("", "", rates["off"]).median
+            m.ratio = m.median / statistics.median(rates["off"])
             m.ratio_is = "steps/s with MLflow " + mode + " / steps/s with MLflow off"
         out.append(m)
     return out
