@@ -10,6 +10,7 @@ and is safe inside a training process.
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,21 @@ LOG_PROB_FLOOR = -15.0  # colour scale of the posteriogram; anything less likely
 _SYMBOLS = ["∅", "␣", *VOCAB[2:]]  # blank and space made visible
 
 
+def _wait_for_ipython() -> None:
+    """matplotlib reads `sys.modules["IPython"].version_info` whenever it makes a canvas. In a
+    training job the MLflow mirror thread may be importing IPython at that moment (mlflow's
+    notebook checks), and the half-made module has no version_info yet; `import` waits for it."""
+    if "IPython" in sys.modules:
+        import IPython  # noqa: F401
+
+
+def figure(**kwargs) -> Figure:
+    _wait_for_ipython()
+    return Figure(dpi=DPI, layout="constrained", **kwargs)
+
+
 def save(fig: Figure, out: Path) -> Path:
+    _wait_for_ipython()
     fig.savefig(out, dpi=DPI)
     return Path(out)
 
@@ -55,7 +70,7 @@ def learning_curves_figure(metrics_jsonl: Path) -> Figure:
     """Training loss (log scale) and learning rate vs step, above dev WER/CER vs step; a panel
     without points yet says so."""
     series = read_metrics(metrics_jsonl)
-    fig = Figure(figsize=(8, 6), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(8, 6))
     ax_loss, ax_dev = fig.subplots(2, 1, sharex=True)
     loss = [(s, v) for s, v in series.get("train/loss", []) if v > 0]  # log scale
     if loss:
@@ -117,7 +132,7 @@ def log_mel_figure(
 ) -> Figure:  # fmt: skip
     """One panel per utterance: its log-mel spectrogram, titled with its transcript."""
     hop_s = (features or FeatureConfig()).hop_ms / 1000
-    fig = Figure(figsize=(10, 2.4 * len(wavs) + 0.2), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(10, 2.4 * len(wavs) + 0.2))
     axes = fig.subplots(len(wavs), 1, squeeze=False, sharex=True)[:, 0]
     for i, (ax, wav, text) in enumerate(zip(axes, wavs, texts)):
         _spectrogram(ax, log_mel(wav, features, sample_rate), hop_s, xlabel=i == len(wavs) - 1)
@@ -162,7 +177,7 @@ def delay_figure(order: int, theta: float, seed: int = 0) -> Figure:
     u = u / u.std()
     m = causal_conv(u, H)  # (order, steps)
 
-    fig = Figure(figsize=(12, 4), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(12, 4))
     ax_h, ax_u = fig.subplots(1, 2, width_ratios=[1, 2])
     shown = int(1.5 * theta)
     for i in range(min(order, 5)):
@@ -193,7 +208,7 @@ def lmu_paths_figure(h_fft: Tensor, h_rec: Tensor, units: int = 3) -> Figure:
     units of the first sequence overlaid (top) and the largest difference per frame (bottom)."""
     h_fft, h_rec = h_fft.detach().double().cpu(), h_rec.detach().double().cpu()
     diff = (h_fft - h_rec).abs().amax(dim=(0, 2))  # (T,)
-    fig = Figure(figsize=(10, 5), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(10, 5))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     for i in range(min(units, h_fft.shape[-1])):
         top.plot(h_fft[0, :, i], color=f"C{i}", linewidth=3, alpha=0.4,
@@ -248,7 +263,7 @@ def lmu_memory_figure(model: SpeechRecognizer, wav: Tensor, text: str, block: in
     x0, x1 = ((s - 1) - s / 2) * hop_s, ((s - 1) - s / 2 + T * s) * hop_s  # frame edges (s)
 
     width = round(min(max(10, T / 30), 24), 1)
-    fig = Figure(figsize=(width, 10), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(width, 10))
     axes = fig.subplots(4, 1, sharex=True)
     _spectrogram(axes[0], _frontend_log_mel(model.frontend, wav), hop_s, xlabel=False)
     axes[0].set_title(textwrap.shorten(text, int(width * 12), placeholder=" …"), fontsize=9,
@@ -342,7 +357,7 @@ def attention_figure(weights: list[Tensor], ms: float) -> Figure:
     """One panel per block: its attention probabilities (H, T, T) averaged over heads."""
     cols = len(weights) if len(weights) <= 3 else math.ceil(math.sqrt(len(weights)))
     rows = math.ceil(len(weights) / cols)
-    fig = Figure(figsize=(4 * cols, 3.5 * rows + 0.5), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(4 * cols, 3.5 * rows + 0.5))
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     for i, (ax, w) in enumerate(zip(axes, weights)):
         im = ax.imshow(w.mean(0).numpy(), origin="lower", cmap="viridis", vmin=0)
@@ -359,8 +374,7 @@ def attention_figure(weights: list[Tensor], ms: float) -> Figure:
 def attention_heads_figure(weights: list[Tensor], ms: float) -> Figure:
     """One panel per block (row) and head (column) of the attention probabilities (H, T, T)."""
     heads = weights[0].shape[0]
-    fig = Figure(figsize=(2.6 * heads + 1, 2.4 * len(weights) + 0.6), dpi=DPI,
-                 layout="constrained")  # fmt: skip
+    fig = figure(figsize=(2.6 * heads + 1, 2.4 * len(weights) + 0.6))
     axes = fig.subplots(len(weights), heads, squeeze=False)
     top = max(float(w.max()) for w in weights)
     for i, w in enumerate(weights):
@@ -387,7 +401,7 @@ def posteriogram_figure(
     centre = [(s * t + s - 1) * hop_s for t in range(T)]
     x0 = ((s - 1) - s / 2) * hop_s
     width = round(min(max(10, T / 30), 24), 1)
-    fig = Figure(figsize=(width, 8), dpi=DPI, layout="constrained")
+    fig = figure(figsize=(width, 8))
     ax_spec, ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 3])
     _spectrogram(ax_spec, spec, hop_s, xlabel=False)
     for t, c in emitted:

@@ -8,6 +8,9 @@ import io
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from lmu_asr.config import CONF_DIR
+from lmu_asr.config import CONF_DIR, ROOT
 from lmu_asr.decode import greedy_decode, ids_to_text
 from lmu_asr.features import FeatureConfig
 from lmu_asr.lmu import LMU, causal_conv, impulse_response, legendre_delay, zoh
@@ -257,6 +260,39 @@ def test_learning_curves_of_a_run_that_has_logged_nothing_yet(tmp_path):
     empty.write_text('{"step": 1')  # killed while writing its first line
     image = png(learning_curves(empty, tmp_path / "curves.png"), 600, 800)
     assert pixels(image, LOSS) == pixels(image, WER) == pixels(image, CER) == 0
+
+
+SLOW_IPYTHON = """
+import time
+time.sleep(3)  # another thread finds this module in sys.modules, half made, meanwhile
+version_info = (9, 0, 0)
+"""
+
+RACE = """
+import sys, threading, time
+from pathlib import Path
+from lmu_asr.plots import learning_curves
+threading.Thread(target=lambda: __import__("IPython"), daemon=True).start()
+while "IPython" not in sys.modules:
+    time.sleep(0.01)
+print(learning_curves(Path(sys.argv[1]), Path(sys.argv[2])))
+"""
+
+
+def test_plotting_while_another_thread_imports_ipython(tmp_path):
+    """The training job plots its report while the MLflow mirror thread may be importing IPython
+    (mlflow's notebook checks); matplotlib reads IPython.version_info when it makes a canvas and
+    failed on the half-imported module (CI, test_mlflow_ui). Reproduced with an IPython whose
+    import takes 3 s."""
+    (tmp_path / "fake" / "IPython").mkdir(parents=True)
+    (tmp_path / "fake" / "IPython" / "__init__.py").write_text(SLOW_IPYTHON)
+    write_metrics(tmp_path / "metrics.jsonl", 100, dev_every=50)
+    out = tmp_path / "curves.png"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT)])}
+    cmd = [sys.executable, "-c", RACE, str(tmp_path / "metrics.jsonl"), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    png(out, 600, 800)
 
 
 # --- spectrograms ----------------------------------------------------------------------------
