@@ -61,7 +61,12 @@ def collate(items: Sequence) -> Batch:
 class BucketBatchSampler:
     """Batches of similar-length utterances with B * max_len <= max_frames, in an order shuffled
     per epoch from (seed, epoch), sharded over ranks. Every rank gets the same number of batches
-    (the last ones are repeated to pad); `set_epoch(epoch, skip)` resumes mid-epoch."""
+    (the last ones are repeated to pad); `set_epoch(epoch, skip)` resumes mid-epoch.
+
+    With `shards` (the shard of each utterance, `data=prepared`), batches never mix shards: the
+    shards come in an order shuffled per epoch, each one's batches shuffled among themselves,
+    and each rank takes a contiguous block of that list, so it reads its own rows of about
+    1/world_size of the shards. Without, rank r takes every world_size-th batch."""
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class BucketBatchSampler:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        shards: Sequence[int] | None = None,
     ) -> None:
         if max_frames <= 0:
             raise ValueError(f"max_frames must be > 0, got {max_frames}")
@@ -87,6 +93,14 @@ class BucketBatchSampler:
             )
         self.max_frames, self.seed, self.shuffle = max_frames, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.shard_rows: list[np.ndarray] | None = None  # utterance indices of each shard
+        if shards is not None:
+            shards = np.asarray(shards)
+            if len(shards) != len(self.lengths):
+                raise ValueError(f"{len(shards)} shard numbers for {len(self.lengths)} utterances")
+            order = np.argsort(shards, kind="stable")
+            starts = np.flatnonzero(np.diff(shards[order], prepend=-1))
+            self.shard_rows = np.split(order, starts[1:]) if len(order) else []
         self.epoch, self.skip = 0, 0
         self._cached: tuple[int, list[list[int]]] | None = None
 
@@ -104,11 +118,30 @@ class BucketBatchSampler:
 
     def _make_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
-        key = self.lengths.astype(np.float64)
+        if self.shard_rows is None:
+            batches = self._bucket(np.arange(len(self.lengths)), rng)
+        else:
+            order = (
+                rng.permutation(len(self.shard_rows))
+                if self.shuffle
+                else range(len(self.shard_rows))
+            )
+            batches = [b for j in order for b in self._bucket(self.shard_rows[j], rng)]
+        if batches:
+            pad = -len(batches) % self.world_size
+            batches += [batches[j % len(batches)] for j in range(pad)]
+        if self.shard_rows is None:
+            return batches[self.rank :: self.world_size]
+        n = len(batches) // self.world_size
+        return batches[self.rank * n : (self.rank + 1) * n]
+
+    def _bucket(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        """`indices` packed into batches of similar length, shuffled when training."""
+        key = self.lengths[indices].astype(np.float64)
         if self.shuffle:  # +-5% jitter varies which utterances share a batch from epoch to epoch
             key = key * rng.uniform(0.95, 1.05, size=len(key))
         batches, current, longest = [], [], 0
-        for i in np.argsort(key, kind="stable").tolist():
+        for i in indices[np.argsort(key, kind="stable")].tolist():
             longest_with_i = max(longest, int(self.lengths[i]))
             if current and (len(current) + 1) * longest_with_i > self.max_frames:
                 batches.append(current)
@@ -119,10 +152,7 @@ class BucketBatchSampler:
             batches.append(current)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
-        if batches:
-            pad = -len(batches) % self.world_size
-            batches += [batches[j % len(batches)] for j in range(pad)]
-        return batches[self.rank :: self.world_size]
+        return batches
 
     @property
     def num_batches(self) -> int:

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import soundfile
 
 from lmu_asr.batching import Batch, BucketBatchSampler, SkipCounter, collate, make_loader
 from lmu_asr.hf import HFAudio, read_hf
+from lmu_asr.prepared import PreparedSplit, ShardAudio
 from lmu_asr.speech_dataset import SKIP_REASONS, Item, Skipped, SpeechDataset, encoder_frames
 from lmu_asr.text import gigaspeech_train_text, normalize
 
@@ -28,7 +29,7 @@ __all__ += ["SkipCounter", "Skipped", "SpeechDataset", "Utterance", "collate", "
 __all__ += ["load_split", "make_loader", "num_frames", "read_manifest"]
 
 log = logging.getLogger(__name__)
-SOURCES = ("demo", "manifest", "hf")
+SOURCES = ("demo", "manifest", "hf", "prepared")
 TEXT_RULES: dict[str, Callable[[str], str | None]] = {
     "plain": normalize,
     "gigaspeech": gigaspeech_train_text,
@@ -38,7 +39,7 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass
 class DataConfig:
-    source: str = "demo"  # demo | manifest | hf
+    source: str = "demo"  # demo | manifest | hf | prepared
     manifest: str | None = None  # train manifest; for evaluation, the manifest to score
     dev_manifest: str | None = None
     test_manifest: str | None = None
@@ -60,6 +61,9 @@ class DataConfig:
     text_column: str = "text"
     id_column: str | None = "segment_id"  # None: ids are row numbers
     streaming: bool = False
+    # prepared: shards written by `python -m lmu_asr.prepare` (lmu_asr.prepared)
+    dir: str | None = None
+    cache_groups: int = 8  # row groups of audio held per process (data worker)
     text_rules: str = "plain"  # plain | gigaspeech
     # loader
     max_frames: int = 20000  # 10-ms feature frames per batch, padding included
@@ -83,6 +87,10 @@ class DataConfig:
                 "hf_name",
                 f"data.source=hf needs exactly one of hf_name, hf_path (hf_path={self.hf_path!r})",
             )
+        if self.source == "prepared" and not self.dir:
+            raise bad("dir", "data.source=prepared needs the folder written by lmu_asr.prepare")
+        if self.cache_groups < 1:
+            raise bad("cache_groups", "must be >= 1")
         if self.streaming and not self.hf_name:
             raise bad("streaming", "streaming needs data.hf_name (a hub dataset)")
         for name in ("corpus_train", "corpus_dev", "corpus_test", "num_workers"):
@@ -108,15 +116,18 @@ def num_frames(duration: float) -> int:
 @dataclass
 class Utterance:
     id: str
-    audio: str | bytes | HFAudio  # file path, encoded bytes (wav/flac/ogg), or an HF row
+    audio: str | bytes | HFAudio | ShardAudio  # file path, encoded bytes, an HF or shard row
     text: str  # already normalised
     duration: float  # seconds; 0.0 when unknown (unreadable audio: the dataset skips it)
 
 
-def load_split(cfg: DataConfig, split: str) -> list[Utterance]:
-    """The utterances of `split` ("train", "dev" or "test") from the source in `cfg`."""
+def load_split(cfg: DataConfig, split: str) -> Sequence[Utterance]:
+    """The utterances of `split` ("train", "dev" or "test") from the source in `cfg`: a list, or
+    for prepared shards a `PreparedSplit` that reads them on demand."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if cfg.source == "prepared":
+        return PreparedSplit(cfg.dir, split, cfg.cache_groups)
     rule = TEXT_RULES[cfg.text_rules]
     if cfg.source == "demo":
         from lmu_asr.corpus import build_corpus

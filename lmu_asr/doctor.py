@@ -7,6 +7,7 @@ start."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -148,6 +149,19 @@ def check_data(cfg: Config) -> Iterator[Check]:
                 yield "ok", "data", f"data.{name}: {path}"
             else:
                 yield "FAIL", "data", f"data.{name}: {path} does not exist"
+    elif d.source == "prepared":
+        info = Path(d.dir) / "prepared.json"
+        if info.is_file():
+            splits = json.loads(info.read_text())["splits"]
+            hours = ", ".join(f"{k} {v['hours']:.1f} h" for k, v in splits.items())
+            yield "ok", "data", f"data.dir: {d.dir} prepared ({hours})"
+        else:
+            why = (
+                "unfinished: run the prepare again"
+                if any(Path(d.dir).glob("*/progress.json"))
+                else "missing"
+            )
+            yield "FAIL", "data", f"data.dir: {info} {why} (python -m lmu_asr.prepare)"
     elif d.hf_path:
         first = Path(d.hf_path.replace("{split}", d.hf_train_split))
         ok = first.exists() or any(first.parent.glob(first.name))

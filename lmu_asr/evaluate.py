@@ -20,11 +20,12 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from lmu_asr.data import (
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
 from lmu_asr.lm import build_lm
+from lmu_asr.prepared import PreparedSplit, ShardAudio
 from lmu_asr.progress import LoopProgress
 from lmu_asr.state import TrainState
 from lmu_asr.text import decode as decode_ids
@@ -72,9 +74,12 @@ def split_loader(
         subsampling=cfg.model.subsampling,
         hop_ms=cfg.features.hop_ms,
     )
+    prepared = isinstance(utts, PreparedSplit)  # durations and shards from its index
+    seconds = utts.durations if prepared else np.array([u.duration for u in utts], dtype=float)
     # capped: one over max_frames is over max_duration too, and the dataset skips it as too long
-    frames = [min(int(u.duration * 1000 / cfg.features.hop_ms) + 1, cfg.data.max_frames)
-              for u in utts]  # fmt: skip
+    frames = np.minimum(
+        (seconds * 1000 / cfg.features.hop_ms).astype(np.int64) + 1, cfg.data.max_frames
+    )
     sampler = BucketBatchSampler(
         frames,
         cfg.data.max_frames,
@@ -82,6 +87,7 @@ def split_loader(
         shuffle=train,
         rank=env.rank,
         world_size=env.world_size,
+        shards=utts.shards if prepared else None,
     )
     return make_loader(dataset, sampler, cfg.data.num_workers), sampler
 
@@ -153,12 +159,13 @@ def evaluate_decoders(
     return results
 
 
-def _account(utts: list[Utterance], refs: dict[str, str], skipped: dict[str, str]) -> dict:
+def _account(utts: Sequence[Utterance], refs: dict[str, str], skipped: dict[str, str]) -> dict:
     """Every utterance not scored, with its reason: skipped by the dataset, a second one with an
     id already used (scores are keyed by id), or (a bug) never decoded -> totals entries."""
     rows, seen, where = [], set(), {}
     for u in utts:
-        audio = u.audio if isinstance(u.audio, str) else f"<{type(u.audio).__name__}>"
+        shown = isinstance(u.audio, str | ShardAudio)  # a path, "shard-00003.parquet row 7"
+        audio = str(u.audio) if shown else f"<{type(u.audio).__name__}>"
         if u.id in seen:
             rows.append({"id": u.id, "reason": "duplicate id", "audio": audio})
         elif u.id not in refs:

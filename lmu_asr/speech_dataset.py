@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import torchaudio.functional
 
 from lmu_asr.features import hop_samples
 from lmu_asr.hf import HFAudio
+from lmu_asr.prepared import ShardAudio
 from lmu_asr.text import encode
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        utts: list[Utterance],
+        utts: Sequence[Utterance],
         sample_rate: int = 16000,
         max_duration: float = 20.0,
         strict: bool = False,
@@ -138,20 +140,20 @@ class SpeechDataset(torch.utils.data.Dataset):
             )
         return Item(utt.id, wav, torch.tensor(tokens, dtype=torch.long))
 
-    def _decode(self, audio: str | bytes | HFAudio) -> torch.Tensor:
+    def _decode(self, audio: str | bytes | HFAudio | ShardAudio) -> torch.Tensor:
         try:
             return read_audio(audio, self.sample_rate)
         except ValueError as err:
             raise _Bad("unreadable audio", str(err)) from None
 
 
-def read_audio(audio: str | bytes | HFAudio, sample_rate: int = 16000) -> torch.Tensor:
-    """A file path, encoded bytes (wav/flac/ogg) or an HF row -> (S,) float32 mono at
-    `sample_rate`. Raises ValueError naming the file when it cannot be decoded."""
+def read_audio(audio: str | bytes | HFAudio | ShardAudio, sample_rate: int = 16000) -> torch.Tensor:
+    """A file path, encoded bytes (wav/flac/ogg), an HF row or a prepared shard's row -> (S,)
+    float32 mono at `sample_rate`. Raises ValueError naming the file when it cannot be decoded."""
     if isinstance(audio, str) and not os.path.exists(audio):
         raise ValueError(f"cannot read audio {audio}: no such file")
     try:
-        source = audio.load() if isinstance(audio, HFAudio) else audio
+        source = audio.load() if isinstance(audio, HFAudio | ShardAudio) else audio
         data, rate = soundfile.read(
             io.BytesIO(source) if isinstance(source, bytes) else source,
             dtype="float32",

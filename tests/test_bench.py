@@ -52,9 +52,22 @@ def test_each_group_prints_one_record_per_measurement(group, tmp_path, capsys, m
         "train": {"train_step.lmu_tiny", "train_flops.lmu_tiny", "matmul_peak.lmu_tiny"},
         "decode": {"rtf.encoder", "rtf.greedy", "rtf.beam4", "lmu_step.lmu_tiny"},
         "checkpoint": {"checkpoint_save", "checkpoint_load"},
-        "data": {"logmel", "loader", "loader_per_worker"},
+        "data": {"logmel", "loader", "loader_per_worker", "loader_peak_pss"},
     }[group]
     assert expected <= names
+
+
+def test_loader_from_prepared_shards(capsys):
+    """`--files prepared`: the generated files made into a GigaSpeech-schema source, prepared
+    into shards and read back the way `data=prepared` reads them: the same audio as the files."""
+    runs = {}
+    for files in ("generated", "prepared"):
+        main(["data", *TINY["data"], "--files", files, "--threads", "1"])
+        runs[files] = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    loader = runs["prepared"]["loader"]
+    assert loader["config"]["files"] == "6 wav generated at 16000 Hz, prepared"
+    assert loader["config"]["audio_hours"] == runs["generated"]["loader"]["config"]["audio_hours"]
+    assert loader["median"] > 0 and runs["prepared"]["loader_peak_pss"]["median"] > 100  # MiB
 
 
 def test_train_flops_are_counted_and_compared_with_the_peak(capsys):

@@ -12,7 +12,11 @@ from lmu_asr.launch import compose_config
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 SWEEPS = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
-REQUIRED = {"manifest": ["data.manifest=/data/train.jsonl"], "hf": []}
+REQUIRED = {
+    "manifest": ["data.manifest=/data/train.jsonl"],
+    "hf": [],
+    "prepared": ["data.dir=/data/gs-xs"],
+}
 
 
 def test_every_group_has_options():
@@ -20,7 +24,7 @@ def test_every_group_has_options():
         GROUPS
     )
     assert {"lmu_tiny", "lmu_small", "lmu_base"} <= {o for g, o in OPTIONS if g == "model"}
-    assert {"demo", "manifest", "hf"} <= {o for g, o in OPTIONS if g == "data"}
+    assert {"demo", "manifest", "hf", "prepared"} <= {o for g, o in OPTIONS if g == "data"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -77,7 +81,12 @@ BAD_VALUES = [
         "features.normalize=sometimes",
         "features.normalize='sometimes': must be one of ('global', 'utterance', 'none')",
     ),
-    ("data.source=ftp", "data.source='ftp': must be one of ('demo', 'manifest', 'hf')"),
+    ("data.source=ftp", "data.source='ftp': must be one of ('demo', 'manifest', 'hf', 'prepared')"),
+    (
+        "data.source=prepared",
+        "data.dir=None: data.source=prepared needs the folder written by lmu_asr.prepare",
+    ),
+    ("data.cache_groups=0", "data.cache_groups=0: must be >= 1"),
 ]
 
 
