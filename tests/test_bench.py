@@ -68,6 +68,7 @@ def test_loader_from_prepared_shards(capsys):
     assert loader["config"]["files"] == "6 wav generated at 16000 Hz, prepared"
     assert loader["config"]["audio_hours"] == runs["generated"]["loader"]["config"]["audio_hours"]
     assert loader["median"] > 0 and runs["prepared"]["loader_peak_pss"]["median"] > 100  # MiB
+    assert runs["prepared"]["prepare"]["median"] > 0 and "prepare" not in runs["generated"]
 
 
 def test_train_flops_are_counted_and_compared_with_the_peak(capsys):

@@ -61,10 +61,13 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Measurement]:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards, files = None, f"{args.num_files} {args.format} generated at {args.rate} Hz"
+        prepared = None
         if args.files == "demo":
             utts, files = load_split(DataConfig(), "train"), "demo"
         elif args.files == "prepared":
-            folder = args.prepared_dir or _prepare_generated(Path(tmp), args)
+            folder = args.prepared_dir
+            if folder is None:
+                folder, prepared = _prepare_generated(Path(tmp), args)
             utts = PreparedSplit(folder, "train", args.cache_groups)
             shards, lengths = utts.shards, [num_frames(d) for d in utts.durations]
             files = f"prepared {folder}" if args.prepared_dir else f"{files}, prepared"
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Measurement]:
                              [r / max(1, args.workers) for r in rates], config)  # fmt: skip
     pss = Measurement("loader_peak_pss", "MiB", peaks, config)
     pss.note = "this process and its data workers (proportional set size: shared pages split)"
-    return [mel, loader_m, per_worker, pss]
+    return [mel, *([prepared] if prepared else []), loader_m, per_worker, pss]
 
 
 def _pss_with_workers() -> int:
@@ -105,7 +108,7 @@ def _pss_with_workers() -> int:
     return sum(p.memory_full_info().pss for p in [me, *me.children(recursive=True)])
 
 
-def _prepare_generated(folder: Path, args: argparse.Namespace) -> Path:
+def _prepare_generated(folder: Path, args: argparse.Namespace) -> tuple[Path, Measurement]:
     """The generated files as a GigaSpeech-schema parquet source, prepared into shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -122,10 +125,17 @@ def _prepare_generated(folder: Path, args: argparse.Namespace) -> Path:
     }
     (folder / "source").mkdir()
     pq.write_table(pa.table(rows), folder / "source" / "train-00000-of-00001.parquet")
-    prepare(
+    t0 = time.perf_counter()
+    info = prepare(
         "xs", folder / "prepared", source=str(folder / "source"), splits=("train",), shard_mb=16
     )
-    return folder / "prepared"
+    seconds = time.perf_counter() - t0
+    split = info["splits"]["train"]
+    mb = sum(s["bytes"] for s in split["shards"]) / 1e6
+    config = {"files": f"{args.num_files} {args.format} generated at {args.rate} Hz"}
+    done = Measurement("prepare", "audio-s/s", [split["hours"] * 3600 / seconds], config)
+    done.note = f"{mb / seconds:.0f} MB/s of shards written, one process, local disk"
+    return folder / "prepared", done
 
 
 def _write_wavs(folder: Path, count: int, rate: int, fmt: str = "wav") -> list:
