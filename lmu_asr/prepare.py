@@ -41,12 +41,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
+from lmu_asr.prepared import FORMAT  # what the reader reads
 from lmu_asr.progress import LoopProgress
 from lmu_asr.text import gigaspeech_train_text
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 HUB = "speechcolab/gigaspeech"
 SUBSETS = ("xs", "s", "m", "l", "xl")
 SPLITS = ("train", "dev", "test")

@@ -250,3 +250,21 @@ def test_two_ranks_stopped_mid_epoch_resume_like_a_straight_run(prepared, tmp_pa
     results = [json.loads((r / "results.json").read_text()) for r in (straight, resumed)]
     assert results[0]["dev_wer"] == results[1]["dev_wer"]
     assert results[0]["test_wer"] == results[1]["test_wer"] is not None  # test split scored
+
+
+def test_the_doctor_checks_the_prepared_folder(prepared, tmp_path):
+    from lmu_asr.doctor import check_data
+    from lmu_asr.launch import compose_config
+
+    def checks(folder: Path) -> list:
+        return list(check_data(compose_config(["data=prepared", f"data.dir={folder}"])))
+
+    ((status, what, text),) = checks(prepared)
+    hours = json.loads((prepared / "prepared.json").read_text())["splits"]["train"]["hours"]
+    assert (status, what) == ("ok", "data") and f"train {hours:.1f} h" in text
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    (tmp_path / "half" / "train" / "progress.json").write_text("{}")
+    ((status, _, text),) = checks(tmp_path / "half")
+    assert status == "FAIL" and "unfinished: run the prepare again" in text
+    ((status, _, text),) = checks(tmp_path / "nothing")
+    assert status == "FAIL" and "missing (python -m lmu_asr.prepare)" in text
