@@ -15,6 +15,21 @@ from tests.cluster import cluster_dir, slurm_cluster, slurm_cluster_2nodes  # no
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: more threads contend
     torch.set_num_threads(1)
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the HuggingFace hub (nor may CI)
+
+
+@pytest.fixture
+def hf_offline(tmp_path, monkeypatch):
+    """`datasets`, with its caches under tmp_path and the hub off, even if imported earlier."""
+    import huggingface_hub.constants
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return datasets
 
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 220.0) -> np.ndarray:

@@ -244,16 +244,6 @@ def test_ctc_feasibility_counts_repeats_and_subsampling(tmp_path):
 # --- HF datasets (offline) -------------------------------------------------------------------
 
 
-@pytest.fixture
-def hf_offline(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
-    return datasets
-
-
 def gigaspeech_rows(prefix: str) -> dict:
     """Four rows in GigaSpeech's schema; the third is a garbage utterance."""
 

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import huggingface_hub.constants
 import pyarrow.parquet as pq
 import pytest
 import soundfile
@@ -28,16 +27,8 @@ HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
 
 @pytest.fixture(autouse=True)
-def hf_offline(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
-    # read when imported: an earlier import did not see the variable
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return datasets
+def offline(hf_offline):  # conftest.py
+    return hf_offline
 
 
 @pytest.fixture(scope="module")
