@@ -114,7 +114,7 @@ def test_time_limit_requeues_the_job_until_it_ends_bitwise_like_an_uninterrupted
     the job is signalled 20-50 s after each start and requeues itself several times. A USR2
     before python has installed its handlers ends the task: under load the start (python, torch,
     Hydra) took over 10 s, which failed this test when the warning came 50 s before the limit."""
-    steps = 2000  # about 6 one-minute slices on 2 cores: >= 3 requeues up to ~1.5x faster
+    steps = 1700  # about 5 one-minute slices on 2 cores: >= 2 requeues up to ~1.6x faster
     overrides = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"]
     ref = reference(tmp_path / "reference", env, overrides)
     sweep, db = tmp_path / "sweep", tmp_path / "mlflow.db"
@@ -129,10 +129,10 @@ def test_time_limit_requeues_the_job_until_it_ends_bitwise_like_an_uninterrupted
     finish(ref)
 
     job = sweep / "0"
-    check_resumes(job, "time_limit", at_least=3)
+    check_resumes(job, "time_limit", at_least=2)
     results = json.loads((job / "results.json").read_text())
     assert results["status"] == "finished" and results["steps"] == steps
-    assert results["starts"] >= 4
+    assert results["starts"] >= 3
     assert_bitwise_equal(final_state(job), final_state(tmp_path / "reference"))
     assert_each_step_once(job, steps)
     assert losses(job) == losses(tmp_path / "reference")
