@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +62,28 @@ def test_stop_flag_records_the_signal_and_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+EARLY_USR2 = """
+import os, signal
+import hydra_plugins.lmu_asr_launcher  # what submitit's unpickling imports first
+os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's warning, long before training starts
+import torch  # the slow part of a start
+from lmu_asr.preemption import StopFlag
+with StopFlag((signal.SIGTERM, signal.SIGUSR2)) as stop:
+    print("stop requested by", signal.Signals(stop.signum).name)
+"""
+
+
+def test_a_time_limit_warning_during_the_start_of_a_slurm_task_is_kept_for_the_loop():
+    """In a submitit task USR2 is held from the first import of ours until StopFlag handles it:
+    the job then stops at its first step and is requeued, instead of dying (FAILED)."""
+    env = os.environ | {"SUBMITIT_FOLDER": "/tmp/x"}
+    done = subprocess.run([sys.executable, "-c", EARLY_USR2], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "stop requested by SIGUSR2", done
+    plain = subprocess.run([sys.executable, "-c", EARLY_USR2], capture_output=True, timeout=120)
+    assert plain.returncode == -signal.SIGUSR2  # outside submitit nothing is held
 
 
 def test_second_ctrl_c_interrupts_at_once():

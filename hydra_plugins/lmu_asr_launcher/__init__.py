@@ -9,7 +9,20 @@ and the job ends COMPLETED).
 
 Hydra only instantiates launchers defined under the `hydra_plugins` package, hence this file.
 (No `from __future__ import annotations`: Hydra executes plugin modules before registering them
-in sys.modules, and dataclasses then cannot resolve string annotations.)"""
+in sys.modules, and dataclasses then cannot resolve string annotations.)
+
+In a SLURM task, submitit imports this module first of anything of ours, while it unpickles the
+job. SLURM's time-limit warning (USR2) ends a process that has no handler for it yet, and on a
+loaded machine Python, Hydra and torch take long enough to start that an early warning killed
+the task (the job FAILED instead of being requeued). So the signal is held pending from here
+until `lmu_asr.preemption.StopFlag` takes it."""
+
+# ruff: noqa: E402
+import os
+import signal
+
+if "SUBMITIT_FOLDER" in os.environ:  # set by submitit in the task, before it unpickles the job
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 
 import json
 import logging
