@@ -1,9 +1,10 @@
 """The built-in corpus: WordNet example sentences spoken by free TTS voices, built once and cached.
 
-`python -m lmu_asr.corpus --train 2000 --dev 200 --test 200` prints the manifest paths. The
-corpus folder holds `{train,dev,test}.jsonl`, `wav/<split>/<id>.wav` (16 kHz mono 16-bit) and the
-WordNet licence. Voices reserved for held-out evaluation (flite slt, any festival HTS voice) are
-refused by `check_voice`.
+`python -m lmu_asr.corpus --train 2000 --dev 200 --test 200 [--unseen 200]` prints the manifest
+paths. The corpus folder holds `{train,dev,test}.jsonl`, `wav/<split>/<id>.wav` (16 kHz mono
+16-bit) and the WordNet licence. Voices reserved for held-out evaluation (flite slt, festival's
+HTS slt voice) are refused by `check_voice`; they speak only the `unseen` split, which is cached
+apart (its own folder, built when first asked for) from sentences no other split uses.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from lmu_asr.progress import LoopProgress
 from lmu_asr.wordnet import split_sentences, wordnet_licence, wordnet_sentences
 
 CORPUS_VERSION = 3  # bump whenever the audio or text of a corpus changes
+UNSEEN_VERSION = 1  # the same for the unseen-voices split (cached apart)
 DEBIAN_PACKAGES = "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
+DEBIAN_PACKAGES += " festvox-us-slt-hts"  # the held-out festival voice (unseen split only)
 SPLITS = ("train", "dev", "test")
 
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
@@ -42,6 +45,9 @@ TRAINING_VOICES = {
     "flite": ("kal16", "awb", "rms"),
     "festival": ("kal_diphone", "ked_diphone"),
 }
+# Only for the unseen split: voices no model is trained on.
+HELD_OUT_VOICES = {"flite": ("slt",), "festival": ("cmu_us_slt_arctic_hts",)}
+HELD_OUT_WEIGHTS = {"flite": 0.5, "festival": 0.5}
 # Share of utterances per engine (festival has only 2 voices, flite 3, espeak-ng ~250).
 ENGINE_WEIGHTS = {"espeak-ng": 0.5, "flite": 0.4, "festival": 0.1}
 DEFAULT_ENGINES = ("espeak-ng", "flite", "festival")
@@ -70,11 +76,15 @@ class _Utt:
     engine: str
     voice: str
     rate: float  # espeak-ng words per minute; flite/festival duration stretch
-    pitch: int  # espeak-ng pitch 0-99; flite mean f0 in Hz; unused by festival
+    pitch: int  # espeak-ng pitch 0-99; flite mean f0 in Hz (0: the voice's own); festival unused
 
 
 def _plan(split: str, index: int, text: str, seed: int, engines: list[str]) -> _Utt:
     rng = random.Random(f"lmu_asr-corpus:{seed}:{split}:{index}")
+    if split == "unseen":
+        engine = rng.choices(list(HELD_OUT_VOICES), weights=list(HELD_OUT_WEIGHTS.values()))[0]
+        voice, rate = HELD_OUT_VOICES[engine][0], round(rng.uniform(1.0, 1.2), 3)
+        return _Utt(f"{split}-{index:06d}", split, text, engine, voice, rate, 0)  # own pitch
     engine = rng.choices(engines, weights=[ENGINE_WEIGHTS[e] for e in engines])[0]
     voice = rng.choice(TRAINING_VOICES[engine])
     check_voice(engine, voice)
@@ -121,14 +131,8 @@ def _speak(root: Path, utt: _Utt) -> dict:
             cmd += ["-f", str(text_file), "-w", str(raw)]
         else:
             cmd = ["flite", "-voice", utt.voice, "--setf", f"duration_stretch={utt.rate}"]
-            cmd += [
-                "--setf",
-                f"int_f0_target_mean={utt.pitch}",
-                "-f",
-                str(text_file),
-                "-o",
-                str(raw),
-            ]
+            cmd += ["--setf", f"int_f0_target_mean={utt.pitch}"] if utt.pitch else []
+            cmd += ["-f", str(text_file), "-o", str(raw)]
         _run(cmd)
         text_file.unlink()
     audio = Path("wav") / utt.split / f"{utt.id}.wav"
@@ -156,13 +160,15 @@ def _check_binaries(engines: Sequence[str]) -> None:
 
 
 def _build(root: Path, sizes: dict[str, int], seed: int, engines: list, jobs: int, progress: bool):
-    texts = split_sentences(wordnet_sentences(), sizes["train"], sizes["dev"], sizes["test"], seed)
-    utts = [_plan(s, i, text, seed, engines) for s in SPLITS for i, text in enumerate(texts[s])]
-    for split in SPLITS:
+    """Speak the splits named in `sizes` ({"train", "dev", "test"} or {"unseen"}) into `root`."""
+    n = {s: sizes.get(s, 0) for s in (*SPLITS, "unseen")}
+    texts = split_sentences(wordnet_sentences(), *(n[s] for s in SPLITS), seed, n["unseen"])
+    utts = [_plan(s, i, text, seed, engines) for s in sizes for i, text in enumerate(texts[s])]
+    for split in sizes:
         (root / "wav" / split).mkdir(parents=True)
     (root / "LICENSE-WordNet.txt").write_text(wordnet_licence())
     festival = [utt for utt in utts if utt.engine == "festival"]
-    rows: dict[str, list] = {split: [] for split in SPLITS}
+    rows: dict[str, list] = {split: [] for split in sizes}
     with (
         ThreadPoolExecutor(jobs) as pool,
         LoopProgress(len(utts), "building corpus", "utt", enabled=progress) as bar,
@@ -179,7 +185,7 @@ def _build(root: Path, sizes: dict[str, int], seed: int, engines: list, jobs: in
             for future in futures:
                 future.cancel()
             raise
-    for split in SPLITS:
+    for split in sizes:
         with open(root / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows[split])
 
@@ -227,14 +233,44 @@ def build_corpus(
     Concurrent callers (DDP ranks, array jobs) wait on a file lock; one of them builds.
     """
     final, key_fields = corpus_dir(n_train, n_dev, n_test, seed, cache_dir, engines)
-    engines, sizes = key_fields["engines"], {s: key_fields[s] for s in SPLITS}
-    cache, key = final.parent, final.name.removeprefix("corpus-")
-    paths = {split: final / f"{split}.jsonl" for split in SPLITS}
+    sizes = {s: key_fields[s] for s in SPLITS}
+    return _cached(final, key_fields, sizes, key_fields["engines"], jobs, progress)
+
+
+def unseen_dir(n: int, seed: int = 0, cache_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """Where build_unseen keeps the unseen-voices split, and what its key hashes."""
+    if n < 0:
+        raise ValueError(f"n_unseen must be >= 0, got {n}")
+    key_fields = dict(version=UNSEEN_VERSION, seed=seed, unseen=n, voices=HELD_OUT_VOICES)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"unseen-{key}", key_fields
+
+
+def build_unseen(
+    n: int,
+    seed: int = 0,
+    jobs: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or find in the cache) the unseen-voices split of the corpus with seed `seed`: `n`
+    utterances spoken only by HELD_OUT_VOICES, from WordNet sentences that no train, dev or test
+    split of that seed uses. Returns its manifest."""
+    final, key_fields = unseen_dir(n, seed, cache_dir)
+    engines = list(HELD_OUT_VOICES)
+    return _cached(final, key_fields, {"unseen": n}, engines, jobs, progress)["unseen"]
+
+
+def _cached(final: Path, key_fields: dict, sizes: dict, engines: list, jobs, progress: bool):
+    """{split: manifest} of the corpus folder `final`, built there once (under a file lock)."""
+    cache, key = final.parent, final.name
+    paths = {split: final / f"{split}.jsonl" for split in sizes}
     if final.is_dir():
         return _checked(final, paths)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        lock = open(cache / f"corpus-{key}.lock", "w")  # noqa: SIM115 (closed below)
+        lock = open(cache / f"{key}.lock", "w")  # noqa: SIM115 (closed below)
     except OSError as e:
         raise CorpusError(
             f"corpus cache {cache} is not writable ({e.strerror}): cannot build the corpus "
@@ -245,14 +281,14 @@ def build_corpus(
         if final.is_dir():  # another process built it while we waited
             return _checked(final, paths)
         _check_binaries(engines)
-        for stale in cache.glob(f"corpus-{key}.tmp*"):  # left by a killed build
+        for stale in cache.glob(f"{key}.tmp*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"corpus-{key}.tmp", dir=cache))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=cache))
         try:
             jobs = jobs or len(os.sched_getaffinity(0))
             if progress:
                 print(f"building the corpus once, in {final}", file=sys.stderr, flush=True)
-            _build(tmp, sizes, seed, engines, jobs, progress)
+            _build(tmp, sizes, key_fields["seed"], engines, jobs, progress)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in _entries(tmp)}
             info = key_fields | {"files": files}
             (tmp / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -267,7 +303,7 @@ class CorpusError(RuntimeError):
 
 
 def _entries(folder: Path) -> list[Path]:
-    return [*(folder / f"{s}.jsonl" for s in SPLITS), *sorted(folder.glob("wav/*/*.wav"))]
+    return [*sorted(folder.glob("*.jsonl")), *sorted(folder.glob("wav/*/*.wav"))]
 
 
 def _checked(final: Path, paths: dict[str, Path]) -> dict[str, Path]:
@@ -298,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--dev", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--unseen", type=int, default=0, help="unseen-voices utterances")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=None, help="default: usable CPU cores")
     parser.add_argument("--cache-dir", default=None, help="default: $LMU_ASR_CACHE or ~/.cache")
@@ -314,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
         args.engines.split(","),
         not args.no_progress,
     )
+    if args.unseen:
+        paths["unseen"] = build_unseen(
+            args.unseen, args.seed, args.jobs, args.cache_dir, not args.no_progress
+        )
     print(json.dumps({split: str(path) for split, path in paths.items()}, indent=1))
 
 

@@ -23,10 +23,11 @@ from lmu_asr.hf import HFAudio, read_hf
 from lmu_asr.prepared import PreparedSplit, ShardAudio
 from lmu_asr.speech_dataset import SKIP_REASONS, Item, Skipped, SpeechDataset, encoder_frames
 from lmu_asr.text import gigaspeech_train_text, normalize
+from lmu_asr.wordnet import UNSEEN_POOL
 
 __all__ = ["Batch", "BucketBatchSampler", "DataConfig", "HFAudio", "Item", "SKIP_REASONS"]
 __all__ += ["SkipCounter", "Skipped", "SpeechDataset", "Utterance", "collate", "encoder_frames"]
-__all__ += ["load_split", "make_loader", "num_frames", "read_manifest"]
+__all__ += ["has_unseen", "load_split", "make_loader", "num_frames", "read_manifest"]
 
 log = logging.getLogger(__name__)
 SOURCES = ("demo", "manifest", "hf", "prepared")
@@ -34,7 +35,7 @@ TEXT_RULES: dict[str, Callable[[str], str | None]] = {
     "plain": normalize,
     "gigaspeech": gigaspeech_train_text,
 }
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "unseen")  # unseen: the demo corpus's held-out voices
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DataConfig:
     corpus_train: int = 2000
     corpus_dev: int = 200
     corpus_test: int = 200
+    corpus_unseen: int = 200  # utterances of voices never trained on (lmu_asr.corpus); 0 = none
     corpus_seed: int = 0
     cache_dir: str | None = None  # default $LMU_ASR_CACHE or ~/.cache/lmu_asr
     # hf: a hub dataset by name, or a local save_to_disk folder / parquet / arrow file(s).
@@ -93,9 +95,11 @@ class DataConfig:
             raise bad("cache_groups", "must be >= 1")
         if self.streaming and not self.hf_name:
             raise bad("streaming", "streaming needs data.hf_name (a hub dataset)")
-        for name in ("corpus_train", "corpus_dev", "corpus_test", "num_workers"):
+        for name in ("corpus_train", "corpus_dev", "corpus_test", "corpus_unseen", "num_workers"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        if self.corpus_unseen > UNSEEN_POOL:
+            raise bad("corpus_unseen", f"must be <= {UNSEEN_POOL} (sentences kept for it)")
         if self.sample_rate <= 0 or self.sample_rate % 100:
             raise bad("sample_rate", "must be a positive multiple of 100 (10-ms frames)")
         if self.max_duration <= 0:
@@ -122,10 +126,18 @@ class Utterance:
 
 
 def load_split(cfg: DataConfig, split: str) -> Sequence[Utterance]:
-    """The utterances of `split` ("train", "dev" or "test") from the source in `cfg`: a list, or
-    for prepared shards a `PreparedSplit` that reads them on demand."""
+    """The utterances of `split` ("train", "dev", "test"; "unseen" for the demo corpus) from the
+    source in `cfg`: a list, or for prepared shards a `PreparedSplit` that reads them on demand."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "unseen":
+        if not has_unseen(cfg):
+            why = "is 0" if cfg.source == "demo" else f"is only for data.source=demo ({cfg.source})"
+            raise ValueError(f"the unseen-voices split {why}: set data.corpus_unseen > 0")
+        from lmu_asr.corpus import build_unseen
+
+        path = build_unseen(cfg.corpus_unseen, seed=cfg.corpus_seed, cache_dir=cfg.cache_dir)
+        return read_manifest(path, TEXT_RULES[cfg.text_rules], cfg.strict)
     if cfg.source == "prepared":
         return PreparedSplit(cfg.dir, split, cfg.cache_groups)
     rule = TEXT_RULES[cfg.text_rules]
@@ -148,6 +160,11 @@ def load_split(cfg: DataConfig, split: str) -> Sequence[Utterance]:
         )
         for r in read_hf(cfg, hf_split, rule)
     ]
+
+
+def has_unseen(cfg: DataConfig) -> bool:
+    """Whether the source has an unseen-voices split (the demo corpus with corpus_unseen > 0)."""
+    return cfg.source == "demo" and cfg.corpus_unseen > 0
 
 
 def read_manifest(

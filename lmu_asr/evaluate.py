@@ -1,7 +1,7 @@
 """WER/CER of a checkpoint on a data split, and the evaluation pieces the trainer shares.
 
     python -m lmu_asr.evaluate checkpoint=RUN_DIR_OR_STEP_DIR [data=manifest data.manifest=F.jsonl]
-        [split=train|dev|test] [decoder=greedy|beam] [beam.beam_size=16]
+        [split=train|dev|test|unseen] [decoder=greedy|beam] [beam.beam_size=16]
         [scoring=plain|gigaspeech] [report=FILE.json] [allow_skips=false]
 
 With data=manifest the file scored is data.manifest; otherwise split defaults to test.
@@ -39,6 +39,7 @@ from lmu_asr.data import (
     SkipCounter,
     SpeechDataset,
     Utterance,
+    has_unseen,
     load_split,
     make_loader,
 )
@@ -231,8 +232,9 @@ def _score(
 def final_evaluation(
     cfg: Config, run_dir: Path, model: SpeechRecognizer, env: DistEnv, state, tracker, train_texts
 ) -> dict:
-    """The best checkpoint on dev and test: greedy, and (trainer.final_lm) lexicon-constrained
-    beam search with a word bigram LM built from the training transcripts.
+    """The best checkpoint on dev and test (and the demo corpus's unseen voices): greedy, and
+    (trainer.final_lm) lexicon-constrained beam search with a word bigram LM built from the
+    training transcripts.
 
     A finished run is not failed over bad dev/test utterances: they are counted ({split}_skipped
     in results.json, a warning, lines under the table in evaluation.txt), and a split with
@@ -248,7 +250,7 @@ def final_evaluation(
         decoders["lm"] = make_decoder("beam", BeamConfig(beam_size=32, lexicon=lexicon, lm=arpa))
     results: dict = {"best_step": state.best_step}
     rows = []
-    for split in ("dev", "test"):
+    for split in ("dev", "test", "unseen") if has_unseen(cfg.data) else ("dev", "test"):
         loader = split_loader(cfg, split, env, train=False)[0]
         for name, (totals, _) in evaluate_decoders(model, loader, env, decoders).items():
             suffix = "" if name == "greedy" else f"_{name}"

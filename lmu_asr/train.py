@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lmu_asr import distributed
+from lmu_asr.augment import training_augmenter
 from lmu_asr.checkpoint import check_architecture, load_latest, model_config, save_checkpoint
 from lmu_asr.data import Batch, SkipCounter
 from lmu_asr.distributed import DistEnv
@@ -144,6 +145,7 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
         distributed.barrier()
 
     stream = _batches(loader, sampler, state)
+    augment = training_augmenter(cfg)
     budget_s = tc.max_minutes * 60 or math.inf
     save_every_s = cfg.checkpoint.every_minutes * 60 or math.inf
     progress = Progress(tc.max_steps, budget_s, env.world_size)
@@ -163,7 +165,7 @@ def train(cfg: Config, run_dir: Path, stop: StopFlag) -> dict:
             seeds = [micro_batch_seed(tc.seed, state.step, i * env.world_size + env.rank)
                      for i in range(accum)]  # fmt: skip
             loss, gnorm, ok = train_step(
-                ddp, group, opt, scaler, tc.grad_clip, precision, env, seeds
+                ddp, group, opt, scaler, tc.grad_clip, precision, env, seeds, augment
             )
             if not ok and scaler.is_enabled() and math.isfinite(loss):
                 # fp16: the scaled gradient overflowed, GradScaler lowers its scale; not the data
@@ -252,17 +254,28 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
 
 
 def train_step(
-    model, group: list[Batch], opt, scaler, clip: float, precision, env: DistEnv, seeds=None
+    model,
+    group: list[Batch],
+    opt,
+    scaler,
+    clip: float,
+    precision,
+    env: DistEnv,
+    seeds=None,
+    augment: Callable[..., Batch] | None = None,
 ):
     """One optimizer step over the micro-batches of `group`. Returns (loss per token, gradient
     norm, whether loss and gradient were finite on every rank); a non-finite step is skipped.
-    `seeds` (one per micro-batch) reseed torch's RNG before each forward pass."""
+    `seeds` (one per micro-batch) reseed torch's RNG before each forward pass, and `augment`
+    (batch, seed=...) -> batch, if given, changes each micro-batch with draws from its seed."""
     device = next(model.parameters()).device
     n_tokens = sum(b.token_lens.sum().item() for b in group)
     tokens = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=device))
     scale = env.world_size / tokens.clamp(min=1)  # DDP averages gradients over ranks: undo it
     total = torch.zeros((), device=device)
     for i, batch in enumerate(group):
+        if augment is not None:
+            batch = augment(batch, seed=seeds[i])
         batch = batch.to(device)
         if seeds is not None:
             torch.manual_seed(seeds[i])

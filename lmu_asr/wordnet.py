@@ -60,14 +60,29 @@ def wordnet_licence(wordnet_dir: Path = WORDNET_DIR) -> str:
     return "\n".join(header) + "\n"
 
 
+UNSEEN_POOL = 2000  # the last sentences of the permutation: only for the unseen-voices split
+
+
 def split_sentences(
-    sentences: Sequence[str], n_train: int, n_dev: int, n_test: int, seed: int
+    sentences: Sequence[str],
+    n_train: int,
+    n_dev: int,
+    n_test: int,
+    seed: int,
+    n_unseen: int = 0,
+    unseen_pool: int = UNSEEN_POOL,
 ) -> dict[str, list[str]]:
-    """Disjoint test/dev/train ranges of a seeded permutation; train cycles if it runs short."""
+    """Disjoint test/dev/train/unseen ranges of a seeded permutation; train cycles if it runs
+    short. The unseen split draws from the last `unseen_pool` sentences, which no other split uses,
+    so its sentences do not depend on the other sizes (nor theirs on it)."""
     order = list(sentences)
     random.Random(f"lmu_asr-split:{seed}").shuffle(order)
+    if n_unseen > unseen_pool:
+        raise ValueError(f"n_unseen = {n_unseen}: at most {unseen_pool} unseen-split sentences")
+    pool, order = order[len(order) - unseen_pool :], order[: len(order) - unseen_pool]
     if n_dev + n_test + min(n_train, 1) > len(order):
         raise ValueError(f"n_dev + n_test = {n_dev + n_test} leaves no WordNet sentences to train")
     rest = order[n_test + n_dev :]
     train = [rest[i % len(rest)] for i in range(n_train)]
-    return {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": train}
+    splits = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": train}
+    return splits | {"unseen": pool[:n_unseen]}

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 # TTS engines and sox for the built-in corpus (see shared notes/tts-corpus.md).
 APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
+APT_PACKAGES+=" festvox-us-slt-hts"  # a held-out voice: only the corpus's unseen-voices split
 # A real local SLURM cluster with accounting for tests and demos (slurm/dev-cluster.sh).
 APT_PACKAGES+=" slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux"
 APT_PACKAGES+=" chromium chromium-driver"  # a real browser for the MLflow UI test (selenium)

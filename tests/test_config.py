@@ -87,6 +87,8 @@ BAD_VALUES = [
         "data.dir=None: data.source=prepared needs the folder written by lmu_asr.prepare",
     ),
     ("data.cache_groups=0", "data.cache_groups=0: must be >= 1"),
+    ("data.corpus_unseen=5000", "data.corpus_unseen=5000: must be <= 2000 (sentences kept for it)"),
+    ("augment.noise_prob=2", "augment.noise_prob=2.0: is a probability: must be in [0, 1]"),
 ]
 
 

@@ -8,7 +8,14 @@ import time
 import pytest
 import soundfile
 
-from lmu_asr.corpus import ESPEAK_VARIANTS, TRAINING_VOICES, build_corpus, check_voice
+from lmu_asr.corpus import (
+    ESPEAK_VARIANTS,
+    HELD_OUT_VOICES,
+    TRAINING_VOICES,
+    build_corpus,
+    build_unseen,
+    check_voice,
+)
 from lmu_asr.wordnet import split_sentences, wordnet_sentences
 
 pytestmark = pytest.mark.corpus
@@ -165,15 +172,57 @@ def test_wordnet_sentences_are_normalised_and_bounded():
 
 def test_split_sentences_is_disjoint_and_seeded():
     sentences = [f"sentence {i}" for i in range(100)]
-    splits = split_sentences(sentences, 80, 10, 10, seed=1)
-    assert splits == split_sentences(sentences, 80, 10, 10, seed=1)
-    assert splits != split_sentences(sentences, 80, 10, 10, seed=2)
+    splits = split_sentences(sentences, 80, 10, 10, seed=1, unseen_pool=0)
+    assert splits == split_sentences(sentences, 80, 10, 10, seed=1, unseen_pool=0)
+    assert splits != split_sentences(sentences, 80, 10, 10, seed=2, unseen_pool=0)
     assert set(sum(splits.values(), [])) == set(sentences)
     # test sentences do not depend on the train size; train cycles past the end
-    longer = split_sentences(sentences, 500, 10, 10, seed=1)
+    longer = split_sentences(sentences, 500, 10, 10, seed=1, unseen_pool=0)
     assert longer["test"] == splits["test"] and not set(longer["train"]) & set(splits["test"])
     with pytest.raises(ValueError, match="no WordNet sentences"):
-        split_sentences(sentences, 1, 50, 50, seed=1)
+        split_sentences(sentences, 1, 50, 50, seed=1, unseen_pool=0)
+
+
+def test_unseen_sentences_are_their_own_whatever_the_other_sizes():
+    sentences = [f"sentence {i}" for i in range(100)]
+    small = split_sentences(sentences, 5, 10, 10, seed=1, n_unseen=8, unseen_pool=20)
+    big = split_sentences(sentences, 500, 30, 30, seed=1, n_unseen=8, unseen_pool=20)
+    assert small["unseen"] == big["unseen"] and len(set(big["unseen"])) == 8
+    others = {s for split in ("train", "dev", "test") for s in big[split]}  # train cycles
+    assert not others & set(big["unseen"])
+    assert split_sentences(sentences, 5, 10, 10, seed=1, unseen_pool=20)["unseen"] == []
+    with pytest.raises(ValueError, match="at most 20"):
+        split_sentences(sentences, 5, 10, 10, seed=1, n_unseen=21, unseen_pool=20)
+
+
+def test_unseen_split_has_only_reserved_voices_and_new_sentences(small_corpus):
+    paths, cache, _ = small_corpus
+    unseen = build_unseen(8, seed=SMALL["seed"], cache_dir=cache, progress=False)
+    assert unseen.parent.name.startswith("unseen-") and unseen.parent != paths["train"].parent
+    rows = read_rows(unseen)
+    assert len(rows) == 8
+    reserved = {f"{e}:{v}" for e, vs in HELD_OUT_VOICES.items() for v in vs}
+    assert {row["speaker"] for row in rows} == reserved  # both reserved voices speak
+    for row in rows:
+        with pytest.raises(ValueError, match="reserved for held-out"):
+            check_voice(*row["speaker"].split(":"))
+        info = soundfile.info(unseen.parent / row["audio"])
+        assert (info.samplerate, info.channels) == (16000, 1) and row["duration"] > 0.5
+    texts = {text for path in paths.values() for text in (r["text"] for r in read_rows(path))}
+    assert not texts & {row["text"] for row in rows}
+    assert build_unseen(8, seed=SMALL["seed"], cache_dir=cache, progress=False) == unseen
+
+
+def test_only_the_demo_corpus_has_an_unseen_split(tmp_path):
+    from lmu_asr.data import DataConfig, load_split
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    cfg = DataConfig(source="manifest", manifest=str(manifest))
+    with pytest.raises(ValueError, match="unseen-voices split is only for data.source=demo"):
+        load_split(cfg, "unseen")
+    with pytest.raises(ValueError, match="unseen-voices split is 0"):
+        load_split(DataConfig(corpus_unseen=0), "unseen")
 
 
 def test_demo_source_loads_the_built_corpus(tmp_path):

@@ -178,3 +178,28 @@ def test_the_command_exits_non_zero_with_one_line_on_a_manifest_of_wrong_paths(w
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {workdir / 'wrong10.jsonl'}: nothing to score, 10 of 10")
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.corpus
+def test_final_evaluation_scores_the_unseen_voices_of_the_demo_corpus(tmp_path):
+    """With the demo corpus, the final evaluation also scores its unseen-voices split: keys in
+    results (greedy and with the LM), a row in evaluation.txt, final/ metrics in the tracker."""
+    cfg = compose_config(
+        [*TINY, "data.corpus_train=4", "data.corpus_dev=2", "data.corpus_test=2"]
+        + ["data.corpus_unseen=3", f"data.cache_dir={tmp_path / 'cache'}"]
+    )
+    model, _ = make_checkpoint(tmp_path / "unused")
+    env = DistEnv(rank=0, local_rank=0, world_size=1)
+    with Tracker(cfg.tracking, tmp_path, 0, {}, None, 1) as tracker:
+        results = final_evaluation(cfg, tmp_path, model, env, TrainState(), tracker, ["a b c"])
+    for key in ("unseen_cer", "unseen_wer", "unseen_cer_lm", "unseen_wer_lm"):
+        assert isinstance(results[key], float), key
+    assert results["unseen_skipped"] == 0
+    rows = [line.split() for line in (tmp_path / "evaluation.txt").read_text().splitlines()]
+    assert [r[:3] for r in rows[-2:]] == [["unseen", "greedy", "3"], ["unseen", "lm", "3"]]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("final/unseen_wer_lm" in m for m in logged)
+    cfg.data.corpus_unseen = 0  # none: dev and test only
+    with Tracker(cfg.tracking, tmp_path / "none", 0, {}, None, 1) as tracker:
+        results = final_evaluation(cfg, tmp_path, model, env, TrainState(), tracker, ["a b c"])
+    assert "unseen_wer" not in results and "dev_wer" in results

@@ -155,6 +155,10 @@ def wait_and_kill(proc, kind: str, rng: random.Random, run_dir: Path, out: Path,
             names = {p.name for p in os.scandir(ckpts)} - before  # this life's writes
             if any(n.startswith(".tmp-step-") and int(n[10:18]) >= target for n in names):
                 break
+            # the write came and went between two looks (a loaded machine): kill now, in
+            # training, rather than let the life run to the end and stop the storm early
+            if any(n.startswith("step-") and int(n[5:13]) >= target for n in names):
+                break
         if kind == "validation" and f"] step {target}/" in log:
             break  # logged just before the validation of that step starts
         time.sleep(0.001 if kind == "write" else 0.005)
@@ -337,7 +341,7 @@ def test_truncated_wav_or_manifest_in_the_corpus_cache(tmp_path, corpus_env):
     naming it and what to do, instead of training on silently damaged data; nothing deleted."""
     cache = tmp_path / "cache"
     shutil.copytree(corpus_env["LMU_ASR_CACHE"], cache)
-    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-")]
     assert build_corpus(**CORPUS, cache_dir=cache)["train"] == folder / "train.jsonl"  # intact
     wav, manifest = sorted((folder / "wav" / "dev").iterdir())[1], folder / "test.jsonl"
     for damaged in (wav, manifest):

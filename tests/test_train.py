@@ -73,11 +73,12 @@ def logged_values(run_dir: Path) -> list[dict]:
 def test_sigterm_between_checkpoints_then_resume_equals_a_straight_run(tmp_path, corpus_env):
     """A run stopped by SIGTERM between two checkpoints and started again (the same command, in
     a fresh process) equals a straight run bitwise on CPU: with the cosine schedule, a time
-    budget (large, so it never ends the run) and a data loader worker (the straight run reads
-    in-process: the results must not depend on it either)."""
+    budget (large, so it never ends the run), waveform augmentation (its draws come from the
+    step's seeds) and a data loader worker (the straight run reads in-process: the results must
+    not depend on it either)."""
     common = ["optim.schedule=cosine", "optim.warmup_steps=2", "trainer.max_minutes=10000"]
     common += ["trainer.max_steps=10", "trainer.eval_every=10", "checkpoint.every_steps=1000"]
-    common += ["trainer.log_every=1", "tracking=off"]
+    common += ["trainer.log_every=1", "tracking=off", "augment=demo"]  # its draws resume too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     kw = {"env": corpus_env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     cmd = [sys.executable, "-m", "lmu_asr.launch", *SMALL, *common]
@@ -121,6 +122,8 @@ def test_sigterm_between_checkpoints_then_resume_equals_a_straight_run(tmp_path,
     assert (results[1]["starts"], results[1]["stops"][0]["step"]) == (2, stop)
     for key in ("dev_cer", "dev_wer", "test_cer", "test_wer", "test_wer_lm", "best_step"):
         assert results[0][key] == results[1][key], key
+    for key in ("unseen_cer", "unseen_wer", "unseen_wer_lm", "unseen_skipped"):  # held-out voices
+        assert results[0][key] == results[1][key] is not None, key
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
