@@ -39,8 +39,8 @@ class StopFlag:
         if threading.current_thread() is threading.main_thread():
             for s in self._signals:
                 self._previous[s] = signal.signal(s, self._handle)
-            # one held pending since the process started (hydra_plugins.lmu_asr_launcher) is
-            # delivered now, to the handler above
+            # one held pending since the process started (lmu_asr.task_start) is delivered now,
+            # to the handler above
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         return self
 

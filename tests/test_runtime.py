@@ -66,7 +66,6 @@ def test_stop_flag_records_the_signal_and_restores_handlers():
 
 EARLY_USR2 = """
 import os, signal
-import hydra_plugins.lmu_asr_launcher  # what submitit's unpickling imports first
 os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's warning, long before training starts
 import torch  # the slow part of a start
 from lmu_asr.preemption import StopFlag
@@ -76,14 +75,14 @@ with StopFlag((signal.SIGTERM, signal.SIGUSR2)) as stop:
 
 
 def test_a_time_limit_warning_during_the_start_of_a_slurm_task_is_kept_for_the_loop():
-    """In a submitit task USR2 is held from the first import of ours until StopFlag handles it:
-    the job then stops at its first step and is requeued, instead of dying (FAILED)."""
-    env = os.environ | {"SUBMITIT_FOLDER": "/tmp/x"}
-    done = subprocess.run([sys.executable, "-c", EARLY_USR2], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    """A sweep's SLURM task starts through lmu_asr.task_start (as the launcher has submitit run
+    it): USR2 is held from then until StopFlag handles it, so the job stops at its first step and
+    is requeued, instead of dying (FAILED)."""
+    start = [sys.executable, "-m", "lmu_asr.task_start", "-u", "-c", EARLY_USR2]
+    done = subprocess.run(start, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "stop requested by SIGUSR2", done
     plain = subprocess.run([sys.executable, "-c", EARLY_USR2], capture_output=True, timeout=120)
-    assert plain.returncode == -signal.SIGUSR2  # outside submitit nothing is held
+    assert plain.returncode == -signal.SIGUSR2  # started directly, the warning kills it
 
 
 def test_second_ctrl_c_interrupts_at_once():

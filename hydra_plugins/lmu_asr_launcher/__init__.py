@@ -11,21 +11,13 @@ Hydra only instantiates launchers defined under the `hydra_plugins` package, hen
 (No `from __future__ import annotations`: Hydra executes plugin modules before registering them
 in sys.modules, and dataclasses then cannot resolve string annotations.)
 
-In a SLURM task, submitit imports this module first of anything of ours, while it unpickles the
-job. SLURM's time-limit warning (USR2) ends a process that has no handler for it yet, and on a
-loaded machine Python, Hydra and torch take long enough to start that an early warning killed
-the task (the job FAILED instead of being requeued). So the signal is held pending from here
-until `lmu_asr.preemption.StopFlag` takes it."""
-
-# ruff: noqa: E402
-import os
-import signal
-
-if "SUBMITIT_FOLDER" in os.environ:  # set by submitit in the task, before it unpickles the job
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+Each task starts through `python -m lmu_asr.task_start`, which holds SLURM's time-limit warning
+until the training loop's handler takes it (see there why)."""
 
 import json
 import logging
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +70,7 @@ class QueuedSlurmLauncher(SlurmLauncher):
             folder=self.params["submitit_folder"],
             cluster="slurm",
             slurm_max_num_timeout=self.params["max_num_timeout"],
+            slurm_python=f"{shlex.quote(sys.executable)} -m lmu_asr.task_start",
         )
         shared = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(
