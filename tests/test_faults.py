@@ -95,6 +95,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 EVAL_EVERY, MAX_STEPS = 4, 32  # room: no life may reach the end before the last kill
 STORM = [f"trainer.max_steps={MAX_STEPS}", f"trainer.eval_every={EVAL_EVERY}"]
 STORM += ["checkpoint.every_steps=1"]  # a write at every step: kills land near writes
+STORM += ["trainer.patience=0"]  # no early stop: with a dev metric that stalls the run ended at
+# step 20 of 32, before the planned kills
 KILLS = 22
 # what each kill waits for: a checkpoint being written, a validation starting, a random delay
 # from the start (mostly start-up: imports, resume), a random delay after the first step
@@ -161,6 +163,10 @@ def wait_and_kill(proc, kind: str, rng: random.Random, run_dir: Path, out: Path,
                 break
         if kind == "validation" and f"] step {target}/" in log:
             break  # logged just before the validation of that step starts
+        if kind in ("training", "validation") and deadline is None:
+            steps = re.findall(r"\] step (\d+)/", log)  # the moment passed between two looks:
+            if steps and int(steps[-1]) > target:  # kill now rather than let the life finish
+                break
         time.sleep(0.001 if kind == "write" else 0.005)
     else:
         return None
