@@ -118,22 +118,19 @@ class BucketBatchSampler:
 
     def _make_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
-        if self.shard_rows is None:
+        if self.shard_rows is None:  # strided over ranks: each sees the whole range of lengths
             batches = self._bucket(np.arange(len(self.lengths)), rng)
-        else:
-            order = (
-                rng.permutation(len(self.shard_rows))
-                if self.shuffle
-                else range(len(self.shard_rows))
-            )
-            batches = [b for j in order for b in self._bucket(self.shard_rows[j], rng)]
-        if batches:
-            pad = -len(batches) % self.world_size
-            batches += [batches[j % len(batches)] for j in range(pad)]
-        if self.shard_rows is None:
-            return batches[self.rank :: self.world_size]
-        n = len(batches) // self.world_size
+            return self._even(batches)[self.rank :: self.world_size]
+        n_shards = len(self.shard_rows)
+        order = rng.permutation(n_shards) if self.shuffle else range(n_shards)
+        batches = self._even([b for j in order for b in self._bucket(self.shard_rows[j], rng)])
+        n = len(batches) // self.world_size  # contiguous blocks: each rank reads its own shards
         return batches[self.rank * n : (self.rank + 1) * n]
+
+    def _even(self, batches: list[list[int]]) -> list[list[int]]:
+        """`batches`, repeated from the first up to a multiple of world_size: ranks step equally."""
+        pad = -len(batches) % self.world_size if batches else 0
+        return batches + [batches[j % len(batches)] for j in range(pad)]
 
     def _bucket(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         """`indices` packed into batches of similar length, shuffled when training."""

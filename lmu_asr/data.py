@@ -19,6 +19,7 @@ from pathlib import Path
 import soundfile
 
 from lmu_asr.batching import Batch, BucketBatchSampler, SkipCounter, collate, make_loader
+from lmu_asr.features import num_frames
 from lmu_asr.hf import HFAudio, read_hf
 from lmu_asr.prepared import PreparedSplit, ShardAudio
 from lmu_asr.speech_dataset import SKIP_REASONS, Item, Skipped, SpeechDataset, encoder_frames
@@ -110,11 +111,6 @@ class DataConfig:
                 f"is smaller than one utterance of max_duration="
                 f"{self.max_duration} s ({num_frames(self.max_duration)} frames)",
             )
-
-
-def num_frames(duration: float) -> int:
-    """10-ms log-mel frames of `duration` seconds of audio (centred frames: samples // hop + 1)."""
-    return int(duration * 100) + 1
 
 
 @dataclass

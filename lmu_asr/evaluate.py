@@ -42,6 +42,7 @@ from lmu_asr.data import (
     has_unseen,
     load_split,
     make_loader,
+    num_frames,
 )
 from lmu_asr.decode import BeamConfig, Decoder, alignment, error_rates, make_decoder
 from lmu_asr.distributed import DistEnv
@@ -78,9 +79,7 @@ def split_loader(
     prepared = isinstance(utts, PreparedSplit)  # durations and shards from its index
     seconds = utts.durations if prepared else np.array([u.duration for u in utts], dtype=float)
     # capped: one over max_frames is over max_duration too, and the dataset skips it as too long
-    frames = np.minimum(
-        (seconds * 1000 / cfg.features.hop_ms).astype(np.int64) + 1, cfg.data.max_frames
-    )
+    frames = np.minimum(num_frames(seconds, cfg.features.hop_ms), cfg.data.max_frames)
     sampler = BucketBatchSampler(
         frames,
         cfg.data.max_frames,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -47,6 +48,13 @@ class FeatureConfig:
 def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
     """(B, T) bool, True on the first lengths[b] frames."""
     return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def num_frames(seconds: float | np.ndarray, hop_ms: float = 10.0) -> int | np.ndarray:
+    """Feature frames of `seconds` of audio, a number or an array (centred: samples // hop + 1)."""
+    if isinstance(seconds, np.ndarray):
+        return (seconds * 1000 / hop_ms).astype(np.int64) + 1
+    return int(seconds * 1000 / hop_ms) + 1
 
 
 def hop_samples(sample_rate: int, hop_ms: float) -> int:

@@ -163,6 +163,10 @@ def read_audio(audio: str | bytes | HFAudio | ShardAudio, sample_rate: int = 160
         name = "<bytes>" if isinstance(audio, bytes) else str(audio)
         raise ValueError(f"cannot read audio {name}: {type(err).__name__}: {err}") from None
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # mix to mono
+    bad = int((~torch.isfinite(wav)).sum())
+    if bad:  # a float file can hold them; one would turn the feature statistics and loss to NaN
+        name = "<bytes>" if isinstance(audio, bytes) else str(audio)
+        raise ValueError(f"cannot read audio {name}: {bad} samples are NaN or infinite")
     if rate != sample_rate and wav.numel():
         wav = torchaudio.functional.resample(wav, rate, sample_rate)
     return wav

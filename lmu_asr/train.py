@@ -268,6 +268,8 @@ def train_step(
     norm, whether loss and gradient were finite on every rank); a non-finite step is skipped.
     `seeds` (one per micro-batch) reseed torch's RNG before each forward pass, and `augment`
     (batch, seed=...) -> batch, if given, changes each micro-batch with draws from its seed."""
+    if augment is not None and seeds is None:
+        raise ValueError("train_step: augment draws from the micro-batches' seeds; none given")
     device = next(model.parameters()).device
     n_tokens = sum(b.token_lens.sum().item() for b in group)
     tokens = distributed.all_reduce_sum(torch.tensor(float(n_tokens), device=device))

@@ -122,6 +122,8 @@ ROWS = [
         ("gone.wav: no such file",), lambda r: utt(r, audio=str(r / "gone.wav"))),
     Row("audio", "a file that is not audio", "skip unreadable audio",
         ("cannot read audio", "junk.wav"), lambda r: utt(r, audio=str(r / "junk.wav"))),
+    Row("audio", "a float WAV with NaN samples", "skip unreadable audio",
+        ("nan.wav", "160 samples are NaN or infinite"), lambda r: utt(r, audio=str(r / "nan.wav"))),
     Row("audio", "a file with no samples", "skip empty audio", ("the audio has no samples",),
         lambda r: utt(r, audio=str(r / "empty.wav"), duration=0.0)),
     Row("audio", "longer than data.max_duration", "skip too long",
@@ -197,6 +199,12 @@ def root(tmp_path_factory) -> Path:
     rows = {"audio": [audio, audio], "text": ["fine", None]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(root / "hf"))
     (root / "junk.wav").write_bytes(b"RIFF not really a wave file" * 10)
+    import numpy as np
+    import soundfile
+
+    nan = np.zeros(16000, dtype=np.float32)
+    nan[8000:8160] = np.nan  # a float WAV can hold NaN: it would poison the feature statistics
+    soundfile.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
     manifest(root, line(audio="ok.wav", text="a"), "ok.jsonl")
     manifest(root, "".join(line(audio=f"x{i}.wav", text="a") for i in range(3)), "wrong.jsonl")
     manifest(root, line(audio="ok.wav", text="a") + line(audio="gone.wav", text="b"), "half.jsonl")
