@@ -173,8 +173,9 @@ def test_sweep_runs_nest_under_the_parent_and_compare_dev_wer(
             if "L" in (p.get_attribute("d") or "")
             and p.value_of_css_property("stroke-opacity") == "1"
         ]
-        colors = {p.value_of_css_property("stroke") for p in lines}
-        assert len(lines) == 2 and len(colors) == 2, [p.get_attribute("outerHTML") for p in lines]
+        # Not their colours: MLflow picks a run's colour by a hash of its id from 29, so two runs
+        # share one about once in 29 sweeps (CI saw it).
+        assert len(lines) == 2, [p.get_attribute("outerHTML") for p in lines]
         xticks = {t.text for t in plot.find_elements(By.CSS_SELECTOR, ".xtick text")}
         assert {"2", "4"} <= xticks, xticks
         assert plot.size["width"] > 300 and plot.size["height"] > 150, plot.size
