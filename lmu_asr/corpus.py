@@ -29,7 +29,7 @@ import soundfile
 from lmu_asr.progress import LoopProgress
 from lmu_asr.wordnet import split_sentences, wordnet_licence, wordnet_sentences
 
-CORPUS_VERSION = 3  # bump whenever the audio or text of a corpus changes
+CORPUS_VERSION = 4  # bump whenever the audio or text of a corpus changes
 UNSEEN_VERSION = 1  # the same for the unseen-voices split (cached apart)
 DEBIAN_PACKAGES = "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox wordnet-base"
 DEBIAN_PACKAGES += " festvox-us-slt-hts"  # the held-out festival voice (unseen split only)
@@ -77,6 +77,7 @@ class _Utt:
     voice: str
     rate: float  # espeak-ng words per minute; flite/festival duration stretch
     pitch: int  # espeak-ng pitch 0-99; flite mean f0 in Hz (0: the voice's own); festival unused
+    shift: int = 0  # cents that sox moves pitch and formants together: a voice of another size
 
 
 def _plan(split: str, index: int, text: str, seed: int, engines: list[str]) -> _Utt:
@@ -90,12 +91,15 @@ def _plan(split: str, index: int, text: str, seed: int, engines: list[str]) -> _
     check_voice(engine, voice)
     # Speaking rates are capped so that even 4x-subsampled CTC has ~20% more frames than it needs.
     if engine == "espeak-ng":
-        rate, pitch = rng.randint(125, 185), rng.randint(25, 75)
+        rate, pitch = rng.randint(125, 185), rng.randint(15, 85)
     elif engine == "flite":
-        rate, pitch = round(rng.uniform(1.0, 1.3), 3), rng.randint(85, 140)
+        rate, pitch = round(rng.uniform(1.0, 1.3), 3), rng.randint(80, 190)
     else:
         rate, pitch = round(rng.uniform(1.0, 1.2), 3), 0
-    return _Utt(f"{split}-{index:06d}", split, text, engine, voice, rate, pitch)
+    # Half the utterances move pitch and formants together, from 16% lower to 33% higher: the
+    # training voices are mostly male, each of one size; a new voice is often of another size.
+    shift = rng.randint(-300, 500) if rng.random() < 0.5 else 0
+    return _Utt(f"{split}-{index:06d}", split, text, engine, voice, rate, pitch, shift)
 
 
 def _run(cmd: list[str]) -> None:
@@ -137,7 +141,8 @@ def _speak(root: Path, utt: _Utt) -> dict:
         text_file.unlink()
     audio = Path("wav") / utt.split / f"{utt.id}.wav"
     sox = ["sox", "-R", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer"]
-    _run(sox + [str(root / audio)] + _SOX_EFFECTS.split())
+    shift = ["pitch", str(utt.shift)] if utt.shift else []
+    _run(sox + [str(root / audio)] + shift + _SOX_EFFECTS.split())
     raw.unlink()
     duration = round(soundfile.info(str(root / audio)).duration, 4)
     speaker = f"{utt.engine}:{utt.voice}"
