@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import multiprocessing
 import re
@@ -5,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -12,6 +14,9 @@ from lmu_asr.corpus import (
     ESPEAK_VARIANTS,
     HELD_OUT_VOICES,
     TRAINING_VOICES,
+    _plan,
+    _speak,
+    _Utt,
     build_corpus,
     build_unseen,
     check_voice,
@@ -236,3 +241,34 @@ def test_demo_source_loads_the_built_corpus(tmp_path):
         item.wav.ndim == 1 and len(item.tokens) == len(u.text)
         for item, u in zip(items, utts, strict=True)
     )
+
+
+def _median_frequency(path):
+    x, rate = soundfile.read(path)
+    power = np.abs(np.fft.rfft(x)) ** 2
+    return np.fft.rfftfreq(len(x), 1 / rate)[np.searchsorted(np.cumsum(power) / power.sum(), 0.5)]
+
+
+def test_a_voice_size_shift_scales_the_spectrum_and_keeps_the_duration(tmp_path):
+    """Corpus v4 speaks half the training utterances from a larger or smaller voice (sox pitch:
+    pitch and formants together): the spectrum scales by 2^(cents/1200) (measured: 1.332 for
+    +500, 0.850 for -300) while the duration, which CTC's frames depend on, stays within 3%."""
+    (tmp_path / "wav" / "train").mkdir(parents=True)
+    text = "the quick brown fox jumps over the lazy dog"
+    base = _Utt("train-000000", "train", text, "flite", "kal16", 1.0, 0)
+    plain = _speak(tmp_path, base)
+    for i, cents in enumerate((500, -300), start=1):
+        moved = _speak(tmp_path, dataclasses.replace(base, id=f"train-{i:06d}", shift=cents))
+        ratio = _median_frequency(tmp_path / moved["audio"]) / _median_frequency(
+            tmp_path / plain["audio"]
+        )
+        assert ratio == pytest.approx(2 ** (cents / 1200), rel=0.05), cents
+        assert moved["duration"] == pytest.approx(plain["duration"], rel=0.03)
+
+
+def test_half_the_training_voices_are_resized_and_no_unseen_one():
+    training = [_plan("train", i, "a b", 0, list(TRAINING_VOICES)) for i in range(2000)]
+    shifts = np.array([u.shift for u in training])
+    assert 0.45 < (shifts != 0).mean() < 0.55
+    assert shifts.min() >= -300 and shifts.max() <= 500 and (shifts > 300).any()
+    assert all(_plan("unseen", i, "a b", 0, []).shift == 0 for i in range(200))
