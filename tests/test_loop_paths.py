@@ -352,14 +352,15 @@ def two_rank_job(run_dir: Path, env: dict, overrides: list[str], sigterm_rank1_a
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, corpus_env):  # noqa: F811
-    """A 2-rank job whose training set has one utterance of NaN audio (a corrupt float WAV),
+    """A 2-rank job whose training set has one utterance of corrupt float audio, finite samples of
+    1e30 whose power overflows the features to inf (NaN samples are refused when read),
     stopped by a SIGTERM to rank 1 only, then resumed in this process (1 rank) to its end:
     (run dir, both ranks' outputs, the nonfinite-rank*.jsonl records and the train state of
     the stopped job, the results of the resumed one)."""
     folder = tmp_path_factory.mktemp("two_ranks")
-    nan = folder / "nan.wav"
-    soundfile.write(nan, np.full(24000, np.nan, np.float32), 16000, subtype="FLOAT")
-    row = {"id": "nan-audio", "audio": str(nan), "text": "not a number"}
+    huge = folder / "huge.wav"
+    soundfile.write(huge, np.full(24000, 1e30, np.float32), 16000, subtype="FLOAT")
+    row = {"id": "huge-audio", "audio": str(huge), "text": "not a number"}
     args = write_manifests(folder, corpus_env, [row])  # last: not in the feature statistics
     args += ["trainer.stats_utts=16", "trainer.max_steps=12", "trainer.batches_per_step=2"]
     args += ["trainer.eval_every=100", "trainer.log_every=1", "checkpoint.every_steps=100"]
@@ -389,8 +390,8 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_every_rank_and_recorded(two
     steps = [[r["step"] for r in rank] for rank in records]
     assert steps[0] == steps[1] and steps[0], "both ranks skip the same steps"
     for step, r0, r1 in zip(steps[0], *records, strict=True):
-        # the NaN utterance was on one rank only; each rank names its own batch
-        assert ("nan-audio" in r0["ids"]) != ("nan-audio" in r1["ids"]), step
+        # the corrupt utterance was on one rank only; each rank names its own batch
+        assert ("huge-audio" in r0["ids"]) != ("huge-audio" in r1["ids"]), step
         assert not math.isfinite(r0["loss"]) and not math.isfinite(r1["loss"]), step
     assert state["nonfinite_steps"] == len(steps[0])
     # the count goes on after the restart (rank 0 records every skipped step of both jobs)
