@@ -217,9 +217,14 @@ def corpus_dir(
         if n < 0:
             raise ValueError(f"n_{split} must be >= 0, got {n}")
     key_fields = dict(version=CORPUS_VERSION, seed=seed, engines=engines, **sizes)
+    return _folder("corpus", key_fields, cache_dir), key_fields
+
+
+def _folder(prefix: str, key_fields: dict, cache_dir: str | Path | None) -> Path:
+    """The cache folder named by `prefix` and a hash of `key_fields`."""
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache / f"corpus-{key}", key_fields
+    return cache / f"{prefix}-{key}"
 
 
 def build_corpus(
@@ -247,9 +252,7 @@ def unseen_dir(n: int, seed: int = 0, cache_dir: str | Path | None = None) -> tu
     if n < 0:
         raise ValueError(f"n_unseen must be >= 0, got {n}")
     key_fields = dict(version=UNSEEN_VERSION, seed=seed, unseen=n, voices=HELD_OUT_VOICES)
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache / f"unseen-{key}", key_fields
+    return _folder("unseen", key_fields, cache_dir), key_fields
 
 
 def build_unseen(

@@ -152,6 +152,7 @@ def read_audio(audio: str | bytes | HFAudio | ShardAudio, sample_rate: int = 160
     float32 mono at `sample_rate`. Raises ValueError naming the file when it cannot be decoded."""
     if isinstance(audio, str) and not os.path.exists(audio):
         raise ValueError(f"cannot read audio {audio}: no such file")
+    name = "<bytes>" if isinstance(audio, bytes) else str(audio)
     try:
         source = audio.load() if isinstance(audio, HFAudio | ShardAudio) else audio
         data, rate = soundfile.read(
@@ -160,12 +161,10 @@ def read_audio(audio: str | bytes | HFAudio | ShardAudio, sample_rate: int = 160
             always_2d=True,
         )
     except Exception as err:  # libsndfile, missing file, bad HF row: all mean unreadable
-        name = "<bytes>" if isinstance(audio, bytes) else str(audio)
         raise ValueError(f"cannot read audio {name}: {type(err).__name__}: {err}") from None
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))  # mix to mono
     bad = int((~torch.isfinite(wav)).sum())
     if bad:  # a float file can hold them; one would turn the feature statistics and loss to NaN
-        name = "<bytes>" if isinstance(audio, bytes) else str(audio)
         raise ValueError(f"cannot read audio {name}: {bad} samples are NaN or infinite")
     if rate != sample_rate and wav.numel():
         wav = torchaudio.functional.resample(wav, rate, sample_rate)
