@@ -44,8 +44,8 @@ def test_every_option_sets_its_values(group, option):
 
 def test_defaults_and_overrides_take_effect():
     cfg = compose_config([])
-    assert (cfg.model.name, cfg.data.source, cfg.data.corpus_train) == ("lmu_small", "demo", 6000)
-    assert (cfg.optim.lr, cfg.trainer.max_minutes, cfg.tracking.enabled) == (3e-3, 9, True)
+    assert (cfg.model.name, cfg.data.source, cfg.data.corpus_train) == ("lmu_small", "demo", 14000)
+    assert (cfg.optim.lr, cfg.trainer.max_minutes, cfg.tracking.enabled) == (3e-3, 8.5, True)
     cfg = compose_config(["model=lmu_tiny", "model.order=8", "trainer.max_steps=7"])
     assert (cfg.model.name, cfg.model.d_model, cfg.model.order) == ("lmu_tiny", 64, 8)
     assert cfg.trainer.max_steps == 7 and cfg.data.source == "demo"
