@@ -15,8 +15,9 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-from lmu_asr.data import Batch, encoder_frames
+from lmu_asr.data import Batch
 from lmu_asr.features import hop_samples
+from lmu_asr.speech_dataset import ctc_frames_needed, encoder_frames
 
 if TYPE_CHECKING:
     from lmu_asr.config import Config
@@ -71,16 +72,14 @@ def augment_batch(
         return batch
     g = torch.Generator().manual_seed(seed)
     B = len(batch)
-    needed = batch.token_lens + (
-        (batch.tokens[:, 1:] == batch.tokens[:, :-1]) & (batch.tokens[:, 1:] > 0)
-    ).sum(1)
     pick = torch.randint(len(cfg.speeds), (B,), generator=g)
     wavs, lens = [], []
     for b in range(B):
         wav, n = batch.wav[b, : batch.wav_lens[b]], int(batch.wav_lens[b])
         speed = cfg.speeds[int(pick[b])]
         new_n = math.ceil(n / speed) if speed != 1.0 else n
-        if speed != 1.0 and encoder_frames(new_n // hop + 1, subsampling) >= needed[b]:
+        needed = ctc_frames_needed(batch.tokens[b, : batch.token_lens[b]].tolist())
+        if speed != 1.0 and encoder_frames(new_n // hop + 1, subsampling) >= needed:
             wav = AF.resample(wav, round(100 * speed), 100)
         wavs.append(wav)
         lens.append(wav.numel())

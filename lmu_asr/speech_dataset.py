@@ -35,6 +35,11 @@ def encoder_frames(feat_frames: int, subsampling: int) -> int:
     return feat_frames
 
 
+def ctc_frames_needed(tokens: Sequence[int]) -> int:
+    """The fewest frames CTC can align `tokens` to: one a token, plus a blank between repeats."""
+    return len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
+
+
 @dataclass
 class Item:
     id: str
@@ -131,7 +136,7 @@ class SpeechDataset(torch.utils.data.Dataset):
                 "written; restore the file or fix its duration",
             )
         available = encoder_frames(wav.numel() // self.hop + 1, self.subsampling)
-        needed = len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
+        needed = ctc_frames_needed(tokens)
         if needed > available:
             raise _Bad(
                 "ctc infeasible",
