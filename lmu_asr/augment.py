@@ -77,10 +77,11 @@ def augment_batch(
     for b in range(B):
         wav, n = batch.wav[b, : batch.wav_lens[b]], int(batch.wav_lens[b])
         speed = cfg.speeds[int(pick[b])]
-        new_n = math.ceil(n / speed) if speed != 1.0 else n
-        needed = ctc_frames_needed(batch.tokens[b, : batch.token_lens[b]].tolist())
-        if speed != 1.0 and encoder_frames(new_n // hop + 1, subsampling) >= needed:
-            wav = AF.resample(wav, round(100 * speed), 100)
+        if speed != 1.0:
+            available = encoder_frames(math.ceil(n / speed) // hop + 1, subsampling)
+            tokens = batch.tokens[b, : batch.token_lens[b]].tolist()
+            if available >= ctc_frames_needed(tokens):
+                wav = AF.resample(wav, round(100 * speed), 100)
         wavs.append(wav)
         lens.append(wav.numel())
     wav = torch.zeros(B, max(lens))
