@@ -29,8 +29,11 @@ def main(cfg: DictConfig) -> dict:
     if env.rank != 0:  # one progress log per job: the other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("run directory: %s", run_dir)
-    signals = (signal.SIGINT, signal.SIGTERM, parse_signal(config.trainer.stop_signal))
-    with StopFlag(signals) as stop:  # replaces submitit's USR2 handler: the loop stays in charge
+    stop_signal = parse_signal(config.trainer.stop_signal)
+    # replaces submitit's USR2 handler (the loop stays in charge); ignored once training is over
+    with StopFlag(
+        (signal.SIGINT, signal.SIGTERM, stop_signal), ignore_after=(stop_signal,)
+    ) as stop:
         try:
             results = train(config, run_dir, stop)
         except Exception as err:  # a bug or bad input: the job fails, visibly, and stays failed

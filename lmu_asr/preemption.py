@@ -29,10 +29,21 @@ REQUEUE_REASONS = ("time_limit", "preemption")  # stops after which rank 0 reque
 
 
 class StopFlag:
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Records the first of `signals` while the block runs. Those in `ignore_after` are ignored
+    from its end to the end of the process: SLURM's time-limit warning that comes once training is
+    over would otherwise reach submitit's handler (which requeues a finished job) or, once Python
+    has reset handlers on its way out, end the process (FAILED). SIG_IGN is process-wide and
+    outlives Python's shutdown; blocking, per thread, would miss the threads torch started."""
+
+    def __init__(
+        self,
+        signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+        ignore_after: tuple[signal.Signals, ...] = (),
+    ):
         self.signum: int | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._signals = signals
+        self._ignore_after = ignore_after
         self._ignore_term = False
 
     def __enter__(self) -> StopFlag:
@@ -46,7 +57,7 @@ class StopFlag:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if s in self._ignore_after else handler)
         self._previous.clear()
         if self._ignore_term:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

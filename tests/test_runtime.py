@@ -85,6 +85,24 @@ def test_a_time_limit_warning_during_the_start_of_a_slurm_task_is_kept_for_the_l
     assert plain.returncode == -signal.SIGUSR2  # started directly, the warning kills it
 
 
+def test_a_time_limit_warning_after_training_finished_changes_nothing():
+    """Once training is over, SLURM's warning (USR2) is ignored: it must not reach submitit's
+    handler, restored by then, which would requeue a finished job. (That it cannot kill the
+    exiting process: test_train.py, ..._as_the_finished_job_exits_leaves_it_successful.)"""
+    caught = []
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        for ignore_after in [(signal.SIGUSR2,), ()]:  # without it, the handler is restored
+            signal.signal(signal.SIGUSR2, lambda signum, frame: caught.append(signum))
+            with StopFlag((signal.SIGTERM, signal.SIGUSR2), ignore_after=ignore_after):
+                pass  # training
+            os.kill(os.getpid(), signal.SIGUSR2)
+            ignored = signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+            assert (ignored, caught) == ((True, []) if ignore_after else (False, [signal.SIGUSR2]))
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_second_ctrl_c_interrupts_at_once():
     with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -172,6 +172,28 @@ def test_sigterm_saves_and_the_same_command_resumes_in_the_same_mlflow_run(tmp_p
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
+def test_a_time_limit_warning_as_the_finished_job_exits_leaves_it_successful(tmp_path, corpus_env):
+    """SLURM's warning (USR2) may come while a job that has just finished exits: CI saw a sweep
+    task log 'Job completed successfully' and die of USR2 during Python's shutdown, FAILED in
+    sacct. Warned again and again from its 'finished' stop until it has exited, it exits 0."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmu_asr.launch", *SMALL, f"hydra.run.dir={run_dir}"]
+    cmd += ["trainer.max_steps=4", "trainer.eval_every=4", "trainer.final_lm=false", "tracking=off"]
+    proc = subprocess.Popen(cmd, env=corpus_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    life = run_dir / "lifecycle.jsonl"
+    deadline = time.monotonic() + 300
+    while not (life.exists() and '"finished"' in life.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    warned = 0
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGUSR2)
+        warned += 1
+        time.sleep(0.02)
+    out, _ = proc.communicate()
+    assert proc.returncode == 0 and warned > 1, (proc.returncode, warned, out.decode()[-2000:])
+
+
 def started_at(run_dir: Path) -> list[int]:
     """The step each start of the job began from (lifecycle.jsonl)."""
     lines = (run_dir / "lifecycle.jsonl").read_text().splitlines()
