@@ -43,8 +43,7 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._signals = signals
-        self._ignore_after = ignore_after
-        self._ignore_term = False
+        self._ignore_after = set(ignore_after)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -56,11 +55,9 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_IGN if s in self._ignore_after else handler)
+        for s in self._previous.keys() | self._ignore_after:
+            signal.signal(s, signal.SIG_IGN if s in self._ignore_after else self._previous[s])
         self._previous.clear()
-        if self._ignore_term:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -72,9 +69,10 @@ class StopFlag:
         return self.signum is not None
 
     def expect_termination(self) -> None:
-        """SLURM is about to end this process (a requeue): from now on SIGTERM is ignored, and
-        the process finishes on its own instead of dying half-way through its exit."""
-        self._ignore_term = True
+        """SLURM is about to end this process (a requeue): from the end of the block on, SIGTERM
+        is ignored, and the process finishes on its own instead of dying half-way through its
+        exit."""
+        self._ignore_after.add(signal.SIGTERM)
 
 
 def parse_signal(name: str) -> signal.Signals:
