@@ -46,7 +46,7 @@ class StopFlag:
         self._ignore_after = set(ignore_after)
 
     def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
+        if _on_main_thread():  # only there can Python set handlers
             for s in self._signals:
                 self._previous[s] = signal.signal(s, self._handle)
             # one held pending since the process started (lmu_asr.task_start) is delivered now,
@@ -55,6 +55,8 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not _on_main_thread():
+            return  # nothing was installed, nothing can be ignored
         for s in self._previous.keys() | self._ignore_after:
             signal.signal(s, signal.SIG_IGN if s in self._ignore_after else self._previous[s])
         self._previous.clear()
@@ -73,6 +75,10 @@ class StopFlag:
         is ignored, and the process finishes on its own instead of dying half-way through its
         exit."""
         self._ignore_after.add(signal.SIGTERM)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def parse_signal(name: str) -> signal.Signals:

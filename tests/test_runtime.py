@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -101,6 +102,25 @@ def test_a_time_limit_warning_after_training_finished_changes_nothing():
             assert (ignored, caught) == ((True, []) if ignore_after else (False, [signal.SIGUSR2]))
     finally:
         signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_stop_flag_off_the_main_thread_installs_and_ignores_nothing():
+    """Python sets signal handlers only on the main thread: a StopFlag entered on another (launch's
+    main called from a thread) leaves every handler as it was, and its end raises nothing."""
+    before = signal.getsignal(signal.SIGUSR2)
+    errors = []
+
+    def run() -> None:
+        try:
+            with StopFlag((signal.SIGTERM, signal.SIGUSR2), ignore_after=(signal.SIGUSR2,)):
+                pass
+        except Exception as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGUSR2) == before
 
 
 def test_second_ctrl_c_interrupts_at_once():
