@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,17 +129,25 @@ def test_sigterm_between_checkpoints_then_resume_equals_a_straight_run(tmp_path,
         assert results[0][key] == results[1][key] is not None, key
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
+def wait_for(proc: subprocess.Popen, done: Callable[[], bool], what: str, timeout: float = 300):
+    """Polls `done` every 50 ms while `proc` runs; fails if it exits first."""
     deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if metrics.exists():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
+        if done():
+            return
         time.sleep(0.05)
-    raise TimeoutError(f"no step {step} in {metrics}")
+    raise TimeoutError(f"no {what}")
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300):
+    metrics = run_dir / "metrics.jsonl"
+
+    def reached() -> bool:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return bool(lines) and json.loads(lines[-1])["step"] >= step
+
+    wait_for(proc, reached, f"step {step} in {metrics}", timeout)
 
 
 def test_sigterm_saves_and_the_same_command_resumes_in_the_same_mlflow_run(tmp_path, corpus_env):
@@ -183,10 +192,7 @@ def test_a_time_limit_warning_as_the_finished_job_exits_leaves_it_successful(tmp
     cmd += ["trainer.max_steps=4", "trainer.eval_every=4", "trainer.final_lm=false", "tracking=off"]
     proc = subprocess.Popen(cmd, env=corpus_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     life = run_dir / "lifecycle.jsonl"
-    deadline = time.monotonic() + 300
-    while not (life.exists() and '"finished"' in life.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_for(proc, lambda: life.exists() and '"finished"' in life.read_text(), f"finish in {life}")
     warned = 0
     while proc.poll() is None:
         proc.send_signal(signal.SIGUSR2)
